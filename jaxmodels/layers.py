@@ -1,0 +1,63 @@
+"""Stateless building blocks of a Llama layer: RMSNorm, rotary embeddings, SwiGLU.
+
+All are pure functions of arrays so that the scanned layer stack, the early-exit paths and the
+pipeline stages share one implementation. Numerics follow Hugging Face's Llama (norm in float32,
+rotate-half RoPE) so imported checkpoints give the same logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmodels.config import LlamaConfig
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis, computed in float32 and cast back (as HF does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Per-pair rotary frequencies [head_dim // 2], with linear or Llama-3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling_dict
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif config.rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables for integer positions [...] -> [..., head_dim] (rotate-half layout)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., hd/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [..., hd]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [B, T, heads, hd] by cos/sin [B, T, hd] (HF's rotate_half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """Llama MLP: down(silu(x @ gate) * (x @ up)). x [..., D]; w_gate/w_up [D, F]; w_down [F, D]."""
+    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
