@@ -1,0 +1,10 @@
+"""Inference: batched prefill + on-device decode loop, sampling, and the generate CLI.
+
+    from inference import generate
+    result = generate(params, config, [[1, 2, 3]], max_new_tokens=32)
+"""
+
+from inference.engine import GenerationResult, generate
+from inference.sampling import SamplingConfig, filter_logits, select_token
+
+__all__ = ["generate", "GenerationResult", "SamplingConfig", "filter_logits", "select_token"]

@@ -1,0 +1,16 @@
+"""jaxmodels: Llama-family models in JAX/Flax NNX, built to be cheap to train and fast to serve.
+
+Public API (the model and its pieces; conversions live in `jaxmodels.convert`):
+
+    config = jaxmodels.LlamaConfig(...)             # HF LlamaConfig field names
+    model = jaxmodels.Llama(config, rngs=nnx.Rngs(0))
+    logits, _ = jaxmodels.forward(model.params(), config, tokens)
+"""
+
+from jaxmodels.config import ConfigError, LlamaConfig
+from jaxmodels.kv_cache import KVCache
+from jaxmodels.model import (Llama, Params, embed_tokens, exit_logits, forward, init_params,
+                             param_shapes, run_layers)
+
+__all__ = ["ConfigError", "LlamaConfig", "KVCache", "Llama", "Params", "embed_tokens",
+           "exit_logits", "forward", "init_params", "param_shapes", "run_layers"]

