@@ -1,0 +1,108 @@
+"""Batched generation: ragged batches, EOS, sampling filters, seeds and request validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inference import SamplingConfig, filter_logits, generate
+from inference.engine import shape_bucket
+from jaxmodels import forward, init_params
+from jaxmodels.testing import tiny_config
+
+CONFIG = tiny_config(max_position_embeddings=128)
+PARAMS = init_params(CONFIG, jax.random.key(0), std=0.2)  # peaky logits: greedy paths differ
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 133))]
+
+
+def _plain_greedy(prompt, n):
+    """Reference: greedy decoding by re-running the full no-cache forward each step."""
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = forward(PARAMS, CONFIG, jnp.array([seq]))
+        seq.append(int(jnp.argmax(logits[0, -1])))
+    return seq[len(prompt):]
+
+
+def test_batch_of_ragged_prompts_equals_each_prompt_alone_and_the_no_cache_reference():
+    batch = generate(PARAMS, CONFIG, PROMPTS, 12, eos_token_ids=())
+    for prompt, row in zip(PROMPTS, batch.tokens):
+        assert row == generate(PARAMS, CONFIG, [prompt], 12, eos_token_ids=()).tokens[0]
+        assert row == _plain_greedy(prompt, 12)
+
+
+def test_each_row_stops_at_its_own_eos():
+    free = generate(PARAMS, CONFIG, PROMPTS, 12, eos_token_ids=())
+    eos = free.tokens[0][3]  # make row 0's 4th token the EOS
+    out = generate(PARAMS, CONFIG, PROMPTS, 12, eos_token_ids=(eos,))
+    for free_row, row in zip(free.tokens, out.tokens):
+        stop = free_row.index(eos) + 1 if eos in free_row else len(free_row)
+        assert row == free_row[:stop]
+    assert len(out.tokens[0]) == 4
+
+
+def test_sampling_is_reproducible_per_seed_and_varies_across_seeds():
+    kw = dict(temperature=1.0, top_k=50, top_p=0.95, eos_token_ids=())
+    a = generate(PARAMS, CONFIG, PROMPTS, 16, seed=7, **kw).tokens
+    assert a == generate(PARAMS, CONFIG, PROMPTS, 16, seed=7, **kw).tokens
+    assert a != generate(PARAMS, CONFIG, PROMPTS, 16, seed=8, **kw).tokens
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_support():
+    logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda f: np.isfinite(np.asarray(f))[0].tolist()
+    assert kept(filter_logits(logits, 1.0, 2, 1.0, use_top_p=False)) == [1, 1, 0, 0, 0]
+    # top-p 0.8: 0.5 + 0.2 = 0.7 < 0.8, so the 0.15 token is needed too
+    assert kept(filter_logits(logits, 1.0, 0, 0.8, use_top_p=True)) == [1, 1, 1, 0, 0]
+    assert kept(filter_logits(logits, 1.0, 0, 0.7, use_top_p=True)) == [1, 1, 0, 0, 0]
+    assert kept(filter_logits(logits, 1.0, 0, 0.01, use_top_p=True)) == [1, 0, 0, 0, 0]
+
+
+def test_temperature_sampling_matches_the_softmax_distribution():
+    """Chi-square test of one decode step's samples against softmax(logits / T)."""
+    prompt = [[5, 6, 7]]
+    logits, _ = forward(PARAMS, CONFIG, jnp.array(prompt))
+    probs = np.asarray(jax.nn.softmax(logits[0, -1] / 1.5))
+    top = np.argsort(probs)[::-1][:8]
+    n = 400
+    counts = np.zeros(9)
+    firsts = [generate(PARAMS, CONFIG, prompt * 50, 1, temperature=1.5, seed=s, eos_token_ids=()).tokens
+              for s in range(n // 50)]
+    for rows in firsts:
+        for r in rows:
+            counts[list(top).index(r[0]) if r[0] in top else 8] += 1
+    expected = np.append(probs[top], 1 - probs[top].sum()) * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 26.1  # 99.9% quantile of chi-square with 8 degrees of freedom
+
+
+def test_shape_buckets_reuse_one_program():
+    assert shape_bucket(7, 12) == shape_bucket(9, 16)
+    t, s, out = shape_bucket(33, 100)
+    assert t == 64 and out == 128 and s >= 33 + 128 and s % 128 == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(top_k=-3), "top_k must be an integer >= 0"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+])
+def test_bad_sampling_values_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        generate(PARAMS, CONFIG, PROMPTS, 4, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_requests_name_the_problem_and_fix():
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(PARAMS, CONFIG, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="exceeds the model's context of 128 tokens.*at most 28"):
+        generate(PARAMS, CONFIG, [list(range(100))], 40)
+    with pytest.raises(ValueError, match="outside \\[0, 256\\)"):
+        generate(PARAMS, CONFIG, [[1, 999]], 4)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(PARAMS, CONFIG, [], 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+        generate(PARAMS, CONFIG, [[1]], 0)
