@@ -1,0 +1,113 @@
+"""Device mesh and shardings for data parallelism and FSDP, applied through `jax.jit`.
+
+Mesh axes: `data` and `fsdp` (Auto axis types: XLA's partitioner inserts the collectives).
+- The batch [A, b, T] is split over both axes along b: every device sees different sequences.
+- Parameters (and the optimizer moments, which mirror them) are replicated over `data` and, when
+  `fsdp > 1`, sharded over `fsdp` along their largest axis divisible by the fsdp size. The stacked
+  layer axis is never the one sharded: `lax.scan` reads one layer at a time, and a layer living on a
+  single device would serialize the scan. XLA all-gathers each weight for use and reduce-scatters its
+  gradient (ZeRO-3 style).
+
+The same code runs on 1 device (a 1x1 mesh) or many; only the shardings change, never the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from training.config import ConfigError, MeshSection
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp) mesh over `devices` (default: all); `data=-1` takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
+    fsdp = cfg.fsdp
+    if fsdp <= 0 or n % fsdp:
+        raise ConfigError(f"mesh.fsdp={fsdp} must be positive and divide the {n} devices")
+    data = n // fsdp if cfg.data == -1 else cfg.data
+    if data <= 0 or data * fsdp > n:
+        raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={fsdp} needs {data * fsdp} devices, "
+                          f"but {n} are available")
+    grid = np.asarray(devices[:data * fsdp], dtype=object).reshape(data, fsdp)
+    return Mesh(grid, ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def batch_size_per_step(mesh: Mesh) -> int:
+    """The number of batch shards: the global batch (per micro-batch) must be a multiple of it."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp: int) -> P:
+    """Shard the largest axis divisible by `fsdp` (not a stacked layer axis); else replicate."""
+    if fsdp == 1 or not shape:
+        return P()
+    stacked = any(getattr(k, "key", None) == "layers" for k in path)
+    candidates = [i for i in range(1 if stacked else 0, len(shape)) if shape[i] % fsdp == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda i: (shape[i], -i))
+    return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for params or optimizer state (a tree of arrays or ShapeDtypeStructs).
+
+    The rule depends only on a leaf's path and shape, so AdamW's moments get their parameter's
+    sharding and scalars (step counts) are replicated.
+    """
+    fsdp = mesh.shape["fsdp"]
+
+    def spec(path, leaf):
+        return NamedSharding(mesh, _fsdp_spec(path, tuple(getattr(leaf, "shape", ())), fsdp))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """For [A, b, T] train batches: b split over (data, fsdp)."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def eval_batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """For eval batches: inputs/targets [B, T] and weights [B], B split over (data, fsdp)."""
+    return {"inputs": NamedSharding(mesh, P(BATCH_AXES, None)),
+            "targets": NamedSharding(mesh, P(BATCH_AXES, None)),
+            "weights": NamedSharding(mesh, P(BATCH_AXES))}
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch(mesh: Mesh, micro_batch: int, what: str = "run.batch_size / optimizer.grad_accum") -> None:
+    shards = batch_size_per_step(mesh)
+    if micro_batch % shards:
+        raise ConfigError(f"{what} = {micro_batch} sequences must be a multiple of the {shards} batch "
+                          f"shards (mesh data x fsdp); change run.batch_size or the mesh")
+
+
+def jit_train_step(train_step: Callable, mesh: Mesh, param_sh: Any, opt_sh: Any) -> Callable:
+    """jit with explicit shardings; params and optimizer state are donated (updated in place)."""
+    rep = replicated(mesh)
+    bsh = batch_sharding(mesh)
+    return jax.jit(train_step,
+                   in_shardings=(param_sh, opt_sh, {"inputs": bsh, "targets": bsh}, rep, rep),
+                   out_shardings=(param_sh, opt_sh, rep),
+                   donate_argnums=(0, 1))
+
+
+def jit_eval_step(eval_step: Callable, mesh: Mesh, param_sh: Any) -> Callable:
+    return jax.jit(eval_step, in_shardings=(param_sh, eval_batch_shardings(mesh)),
+                   out_shardings=replicated(mesh))
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Place host arrays (or re-place device arrays) with the given shardings."""
+    return jax.device_put(tree, shardings)
