@@ -1,0 +1,61 @@
+"""One entry point for every checkpoint kind: `load_model(path) -> (config, params, tokenizer)`.
+
+Accepted paths:
+  * a llama.cpp `.gguf` file (weights dequantized to `dtype`; tokenizer rebuilt from its metadata),
+  * a Hugging Face model folder (`config.json` + `*.safetensors`, tokenizer from `tokenizer.json`),
+  * a jaxmodels training run folder, whose final model is exported in HF format to `model/`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxmodels.config import LlamaConfig
+from jaxmodels.convert.gguf import load_gguf, open_gguf
+from jaxmodels.convert.hf import CheckpointError, load_hf_checkpoint
+from jaxmodels.convert.tokenizer import Tokenizer, UnsupportedTokenizerError
+from jaxmodels.model import Params
+
+ACCEPTED = ("a .gguf file, a Hugging Face model folder (config.json + *.safetensors), or a "
+            "jaxmodels run folder (with model/config.json)")
+
+
+def _hf_folder(folder: Path, dtype: Any) -> tuple[LlamaConfig, Params, Tokenizer | None]:
+    config, params = load_hf_checkpoint(folder, dtype)
+    tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
+    return config, params, tokenizer
+
+
+def load_model(path: str | os.PathLike, dtype: Any = np.float32
+               ) -> tuple[LlamaConfig, Params, Tokenizer | None]:
+    """Load weights (numpy arrays in our tree layout), config and tokenizer (None if there is none)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass {ACCEPTED}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(f"{path} is a file but not a .gguf; pass {ACCEPTED}")
+        reader = open_gguf(path)
+        config, params = load_gguf(reader, dtype)
+        tokenizer = None
+        if "tokenizer.ggml.model" in reader.fields:  # weights-only files carry no tokenizer
+            try:
+                tokenizer = Tokenizer.from_gguf(reader)
+            except UnsupportedTokenizerError as err:  # still usable with an external tokenizer
+                warnings.warn(f"{path}: weights loaded without a tokenizer: {err}", stacklevel=2)
+        return config, params, tokenizer
+    if (path / "config.json").is_file():
+        return _hf_folder(path, dtype)
+    if (path / "model" / "config.json").is_file():
+        return _hf_folder(path / "model", dtype)
+    ggufs = sorted(path.glob("*.gguf"))
+    hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
+    raise CheckpointError(f"{path} has no config.json or model/config.json{hint}; pass {ACCEPTED}")
+
+
+__all__ = ["load_model", "ACCEPTED"]
