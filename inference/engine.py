@@ -19,7 +19,7 @@ import numpy as np
 from inference.sampling import SamplingConfig, select_token
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, forward, run_layers
+from jaxmodels.model import Params, embed_tokens, exit_logits, forward, run_layers, unstack_layers
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ALIGN = 128
@@ -162,7 +162,9 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     for i, p in enumerate(prompts):
         tokens_np[i, : len(p)] = p
 
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    # Decoding runs the layers unrolled on per-layer weights (see `unstack_layers`); pass params
+    # already unstacked to skip this one-off copy on every call.
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     dtype = params["embed"].dtype
     cache = KVCache.create(config, len(prompts), cache_len, dtype)
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np)

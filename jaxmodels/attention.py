@@ -19,15 +19,19 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     k_valid: optional [B, S] bool. Returns [B, T, H, hd].
     """
     b, t, h, hd = q.shape
-    kv = k.shape[1]
-    q = q.reshape(b, t, kv, h // kv, hd)  # [B, T, KV, G, hd]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5)
-    k_pos = jnp.broadcast_to(k_pos, (b, k.shape[2]))
+    kv, s = k.shape[1], k.shape[2]
+    g = h // kv
+    # One merged batch axis (b, kv) for both matmuls: XLA:CPU runs a dot with one batch dimension
+    # about 4x faster than the same einsum with two (measured on decode shapes).
+    qm = q.reshape(b, t, kv, g, hd).transpose(0, 2, 1, 3, 4).reshape(b * kv, t * g, hd)
+    scores = jnp.matmul(qm, k.reshape(b * kv, s, hd).swapaxes(1, 2),
+                        preferred_element_type=jnp.float32)  # [B*KV, T*G, S]
+    scores = scores.reshape(b, kv, t, g, s) * (hd ** -0.5)
+    k_pos = jnp.broadcast_to(k_pos, (b, s))
     mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
     if k_valid is not None:
         mask = mask & k_valid[:, None, :]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, h, hd)
+    scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv, t * g, s)
+    out = jnp.matmul(probs, v.reshape(b * kv, s, hd))  # [B*KV, T*G, hd]
+    return out.reshape(b, kv, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
