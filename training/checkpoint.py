@@ -42,6 +42,10 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped because it is damaged."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint whose arrays do not fit the target (a different model or optimizer)."""
+
+
 def _copy_off_device(state: State) -> State:
     """Fresh device buffers for the save, so donating the live ones to the next step cannot race it."""
     return jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
@@ -59,8 +63,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item, save, restore in (("state", ocp.args.StandardSave, ocp.args.StandardRestore),
+                                    ("meta", ocp.args.JsonSave, ocp.args.JsonRestore)):
+            registry.add(item, save)
+            registry.add(item, restore)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, state: State, meta: dict[str, Any]) -> None:
@@ -125,6 +133,7 @@ class Checkpointer:
         (with `.sharding` to restore straight into sharded device arrays). Raises on any mismatch."""
         self._verify_integrity(step)
         abstract = jax.tree_util.tree_map(_abstract, target)
+        self._check_compatible(step, abstract)
         out = self._manager.restore(int(step), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         state, meta = out["state"], out["meta"]
@@ -138,6 +147,8 @@ class Checkpointer:
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, target)
+            except CheckpointMismatchError:
+                raise
             except Exception as err:  # Orbax/TensorStore raise many types for damaged files
                 moved = self._set_aside(step)
                 warnings.warn(f"checkpoint step {step} in {self.directory} is damaged and was skipped "
@@ -146,6 +157,26 @@ class Checkpointer:
                 continue
             return step, state, meta
         return None
+
+    def _check_compatible(self, step: int, abstract: State) -> None:
+        """Compare the saved arrays' shapes/dtypes (from Orbax metadata) with the target's.
+
+        A mismatch means the run's config changed, not that the files are damaged: raise, so the
+        checkpoint is neither used nor set aside. Unreadable metadata counts as damage.
+        """
+        saved = self._manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        if saved is None:
+            raise ValueError("the checkpoint's array metadata is missing")
+        have = sorted((tuple(x.shape), np.dtype(x.dtype).name) for x in jax.tree_util.tree_leaves(saved))
+        want = sorted((tuple(x.shape), np.dtype(x.dtype).name) for x in jax.tree_util.tree_leaves(abstract))
+        if have != want:
+            missing = [w for w in want if w not in have][:3]
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds {len(have)} arrays that do not match "
+                f"the {len(want)} this run needs (e.g. no saved array of shape/dtype {missing}): the model "
+                f"or optimizer config changed since it was saved. Use a new run.out_dir, or restore the "
+                f"config in {self.directory.parent / 'config.yaml'}")
 
     def _set_aside(self, step: int) -> Path:
         src = self.directory / str(step)
