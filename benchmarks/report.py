@@ -1,0 +1,74 @@
+"""Shared benchmark plumbing: machine facts, package versions, memory bandwidth, BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    import jax
+    devices = jax.devices()
+    accel = devices[0].device_kind if devices[0].platform != "cpu" else "no accelerator"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {accel} (JAX backend: {devices[0].platform})"
+
+
+def versions_line(packages=("jax", "jaxlib", "flax", "torch", "transformers")) -> str:
+    parts = [f"python {sys.version.split()[0]}"]
+    for name in packages:
+        try:
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return ", ".join(parts)
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Best-of-N bytes/s of a jitted full reduction over a large float32 array (all cores)."""
+    import jax
+    import jax.numpy as jnp
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append_report(title: str, command: str, body: str) -> None:
+    """Append one dated section (command, machine, versions, body) to BENCHMARKS.md."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = (f"\n## {title} ({stamp})\n\n- command: `{command}`\n- machine: {machine_line()}\n"
+               f"- versions: {versions_line()}\n\n{body}\n")
+    if not BENCHMARKS_MD.exists():
+        BENCHMARKS_MD.write_text("# Benchmarks\n\nEvery table here was appended by a script under "
+                                 "`benchmarks/`; the command that produced it is listed with it.\n")
+    with BENCHMARKS_MD.open("a") as f:
+        f.write(section)
