@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from inference.engine import GenerationResult, generate
 from inference.sampling import SamplingConfig
@@ -35,13 +34,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     return p
-
-
-def resolve_model_path(name: str) -> Path:
-    if name.lower() in ("smollm2", "smollm2-135m-instruct"):
-        from jaxmodels.convert.gguf import smollm2_gguf_path
-        return smollm2_gguf_path()
-    return Path(name)
 
 
 def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:
@@ -93,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None and not args.prompt.strip():
             raise ValueError("the prompt is empty: pass some text with --prompt")
         from jaxmodels.convert.load import load_model
-        config, params, tokenizer = load_model(resolve_model_path(args.model))
+        config, params, tokenizer = load_model(args.model)
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
         if args.chat and tokenizer.chat_template is None:

