@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.sampling import SamplingConfig, select_token
+from inference.speculative import SpecConfig, speculative_loop
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, forward, run_layers, unstack_layers
@@ -32,6 +33,14 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     compile_seconds: float
+    drafted: int = 0  # self-speculative decoding only: draft tokens proposed
+    accepted: int = 0  # ... and accepted by the verifier
+    rounds: int = 0  # ... and draft/verify rounds run
+    spec_stats: Any = None  # ... and the raw per-row counters (inference.speculative.SpecStats)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def num_generated(self) -> int:
@@ -150,14 +159,25 @@ def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *a
 
 def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int]],
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None
-             ) -> GenerationResult:
-    """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0)."""
+             top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
+             speculative: SpecConfig | None = None) -> GenerationResult:
+    """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0).
+
+    With `speculative`, decode by LayerSkip self-speculation (same tokens as plain greedy decoding;
+    the same distribution when sampling) and report acceptance in the result.
+    """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     validate_request(config, prompts, max_new_tokens)
+    if speculative is not None:
+        speculative.validate(config)
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     lengths_np = np.array([len(p) for p in prompts], np.int32)
-    prompt_bucket, cache_len, out_len = shape_bucket(int(lengths_np.max()), max_new_tokens)
+    # Self-speculation prefills all but the last prompt token (it is the first round's pending
+    # token) and may write up to draft_len positions past the last committed one.
+    held_back = 1 if speculative is not None else 0
+    extra = speculative.draft_len + 1 if speculative is not None else 0
+    prompt_bucket, _, out_len = shape_bucket(int(lengths_np.max()), max_new_tokens)
+    _, cache_len, _ = shape_bucket(int(lengths_np.max()), max_new_tokens + extra)
     tokens_np = np.zeros((len(prompts), prompt_bucket), np.int32)
     for i, p in enumerate(prompts):
         tokens_np[i, : len(p)] = p
@@ -167,7 +187,7 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     dtype = params["embed"].dtype
     cache = KVCache.create(config, len(prompts), cache_len, dtype)
-    tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np)
+    tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config}, (3,),
                                 params, tokens, lengths, cache)
     t0 = time.perf_counter()
@@ -175,13 +195,24 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     logits.block_until_ready()
     t_prefill = time.perf_counter() - t0
 
+    runtime = (jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
+               jnp.float32(top_p))
     static = {"config": config, "sampling": sampling, "eos_ids": eos_ids, "out_len": out_len}
-    loop_args = (params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
-                 jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p))
-    run_decode, c2 = _compiled("decode", decode_loop, static, (), *loop_args)
+    if speculative is None:
+        loop, args = decode_loop, (params, cache, logits, *runtime)
+    else:
+        pending = jnp.asarray(lengths_np - 1)  # index of each row's last prompt token
+        pending = jnp.take_along_axis(tokens, pending[:, None], axis=1)[:, 0]
+        loop, args, static = speculative_loop, (params, cache, pending, *runtime), {**static, "spec": speculative}
+    run_decode, c2 = _compiled(loop.__name__, loop, static, (), *args)
     t0 = time.perf_counter()
-    out, count = run_decode(*loop_args)
-    out, count = np.asarray(out), np.asarray(count)
+    outputs = jax.device_get(run_decode(*args))
     t_decode = time.perf_counter() - t0
+    out, count = outputs[0], outputs[1]
     rows = [out[i, : count[i]].tolist() for i in range(len(prompts))]
-    return GenerationResult(rows, lengths_np.tolist(), t_prefill, t_decode, c1 + c2)
+    result = GenerationResult(rows, lengths_np.tolist(), t_prefill, t_decode, c1 + c2)
+    if speculative is not None:
+        stats = outputs[2]
+        result.drafted, result.accepted = int(stats.drafted.sum()), int(stats.accepted.sum())
+        result.rounds, result.spec_stats = int(stats.rounds), stats
+    return result

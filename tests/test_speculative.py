@@ -1,0 +1,90 @@
+"""Self-speculative decoding: exactly plain greedy, exactly the target distribution, no recompute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inference import generate
+from inference.speculative import SpecConfig, draft_is_accepted, residual_weights
+from jaxmodels import forward, init_params
+from jaxmodels.testing import tiny_config
+
+CONFIG = tiny_config(num_hidden_layers=6, max_position_embeddings=256)
+PARAMS = init_params(CONFIG, jax.random.key(0), std=0.2)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], list(range(100, 133))]
+PLAIN = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=())
+
+
+@pytest.mark.parametrize("exit_layer, draft_len, adaptive", [
+    (1, 1, False), (2, 4, False), (3, 3, True), (5, 6, False), (5, 6, True), (4, 2, True)])
+def test_greedy_self_speculation_equals_plain_greedy(exit_layer, draft_len, adaptive):
+    spec = SpecConfig(exit_layer, draft_len, adaptive)
+    out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(), speculative=spec)
+    assert out.tokens == PLAIN.tokens
+    assert 0 < out.drafted and 0 <= out.accepted <= out.drafted
+
+
+def test_eos_inside_a_draft_stops_the_row_where_plain_decoding_stops():
+    eos = PLAIN.tokens[0][9]  # row 0 ends at its 10th token; other rows may hit it too
+    plain = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(eos,))
+    for spec in (SpecConfig(5, 6, False), SpecConfig(3, 4, True)):
+        out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(eos,), speculative=spec)
+        assert out.tokens == plain.tokens
+    assert plain.tokens[0][-1] == eos and len(plain.tokens[0]) == 10
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(2, 5, False), SpecConfig(4, 3, True)])
+def test_no_layer_processes_a_token_twice(spec):
+    """Per position: every layer group processed it once plus once per rolled-back attempt."""
+    out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(), speculative=spec)
+    st = jax.tree_util.tree_map(np.asarray, out.spec_stats)
+    for row, prompt in enumerate(PROMPTS):
+        first, final = len(prompt) - 1, len(prompt) - 1 + len(out.tokens[row])
+        for visits, discarded in ((st.visits_early, st.discarded_early), (st.visits_deep, st.discarded_deep)):
+            kept = visits[row] - discarded[row]
+            np.testing.assert_array_equal(kept[first:final], 1)  # committed: computed exactly once
+            np.testing.assert_array_equal(kept[final:], 0)  # never committed
+            assert kept[:first].sum() == 0  # the prompt is prefilled, never re-run
+        assert st.discarded_deep[row].sum() > 0  # rejections really happened
+
+
+def test_first_token_marginal_is_exactly_the_target_on_a_small_vocabulary():
+    """Enumerate draft x ~ q, accept with the code's rule over a fine grid of u, else sample the
+    code's residual: the first emitted token's distribution must equal p."""
+    rng = np.random.RandomState(0)
+    grid = (np.arange(100_000) + 0.5) / 100_000
+    for _ in range(5):
+        p, q = rng.dirichlet(np.ones(6)), rng.dirichlet(np.ones(6))
+        residual = np.asarray(residual_weights(jnp.asarray(p), jnp.asarray(q)))
+        residual = residual / residual.sum()
+        marginal = np.zeros(6)
+        for x in range(6):
+            accept = np.asarray(draft_is_accepted(grid, p[x], q[x])).mean()
+            marginal[x] += q[x] * accept
+            marginal += q[x] * (1 - accept) * residual
+        np.testing.assert_allclose(marginal, p, atol=2e-5)
+
+
+def test_sampling_self_speculation_matches_the_target_distribution():
+    """Chi-square of the first sampled token (top-k 8, temperature 1) against the full model's p."""
+    prompt, n = [7, 8, 9], 600
+    logits, _ = forward(PARAMS, CONFIG, jnp.array([prompt]))
+    p = np.asarray(jax.nn.softmax(logits[0, -1]))
+    top = np.argsort(p)[::-1][:8]
+    expected = p[top] / p[top].sum() * n
+    out = generate(PARAMS, CONFIG, [prompt] * n, 3, temperature=1.0, top_k=8, seed=0,
+                   eos_token_ids=(), speculative=SpecConfig(1, 3, False))
+    first = np.array([row[0] for row in out.tokens])
+    counts = np.array([(first == t).sum() for t in top])
+    assert counts.sum() == n  # every sample lies in the target's top-k support
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 24.3  # 99.9% quantile, 7 degrees of freedom
+    assert out.accepted < out.drafted  # the draft differs from the target: rejections exercised
+
+
+def test_bad_speculation_settings_are_rejected():
+    with pytest.raises(ValueError, match=r"exit_layer must be in \[1, 5\]"):
+        generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(6, 2))
+    with pytest.raises(ValueError, match="draft_len must be in"):
+        generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(2, 0))
