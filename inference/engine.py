@@ -37,6 +37,7 @@ class GenerationResult:
     accepted: int = 0  # ... and accepted by the verifier
     rounds: int = 0  # ... and draft/verify rounds run
     spec_stats: Any = None  # ... and the raw per-row counters (inference.speculative.SpecStats)
+    spec: SpecConfig | None = None  # the speculation settings used (None: plain decoding)
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -214,5 +215,5 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     if speculative is not None:
         stats = outputs[2]
         result.drafted, result.accepted = int(stats.drafted.sum()), int(stats.accepted.sum())
-        result.rounds, result.spec_stats = int(stats.rounds), stats
+        result.rounds, result.spec_stats, result.spec = int(stats.rounds), stats, speculative
     return result

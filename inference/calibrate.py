@@ -1,0 +1,94 @@
+"""Choose the exit layer E and draft length d for self-speculation from a short calibration pass.
+
+One teacher-forced forward over calibration tokens gives, for every exit E, the rate alpha_E at
+which the early exit's argmax agrees with the final layer's (the greedy acceptance probability of
+one draft). The cost model (DESIGN.md section 4, memory-bound decoding) then scores every (E, d):
+
+    tokens per round  = (1 - alpha^(d+1)) / (1 - alpha)
+    cost per round    = d * (E + h) + E + (L - E) * verify(d) + h      [in layer passes]
+    speed-up          = tokens per round * (L + h) / cost per round
+
+where h is the LM head's cost in layer passes (weight bytes of the head / bytes of one layer) and
+verify(d) the relative cost of running d+1 tokens through a layer at once (1 when memory-bound).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.speculative import SpecConfig
+from jaxmodels.config import LlamaConfig
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecChoice:
+    exit_layer: int
+    draft_len: int
+    expected_speedup: float
+    agreement: tuple[float, ...]  # alpha_E for E = 1 .. L-1
+
+    def spec(self, adaptive: bool = True) -> SpecConfig:
+        return SpecConfig(self.exit_layer, self.draft_len, adaptive)
+
+
+def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1."""
+    width = max(len(s) for s in sequences)
+    tokens = np.zeros((len(sequences), width), np.int32)
+    valid = np.zeros((len(sequences), width), bool)
+    for i, s in enumerate(sequences):
+        tokens[i, : len(s)], valid[i, : len(s)] = s, True
+
+    @jax.jit
+    def agreement(params, tokens):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        _, _, hidden = run_layers(params, config, embed_tokens(params, tokens), positions,
+                                  collect_hidden=True)  # [L, B, T, D]
+        final = jnp.argmax(exit_logits(params, config, hidden[-1]), axis=-1)
+        # one exit at a time: never materializes [L, B, T, V] logits
+        return jax.lax.map(lambda h: jnp.argmax(exit_logits(params, config, h), -1) == final, hidden[:-1])
+
+    agree = np.asarray(agreement(params, jnp.asarray(tokens)))  # [L-1, B, T]
+    return (agree & valid).sum(axis=(1, 2)) / valid.sum()
+
+
+def expected_speedup(alpha: float, exit_layer: int, draft_len: int, num_layers: int,
+                     head_cost: float, verify_cost: float = 1.0) -> float:
+    """The cost model above for one (E, d)."""
+    d, E, L = draft_len, exit_layer, num_layers
+    alpha = min(alpha, 0.999999)
+    tokens = (1 - alpha ** (d + 1)) / (1 - alpha)
+    cost = d * (E + head_cost) + E + (L - E) * verify_cost + head_cost
+    return tokens * (L + head_cost) / cost
+
+
+def head_cost_in_layers(config: LlamaConfig) -> float:
+    """Bytes of the LM head over bytes of one layer's weights (both read once per pass)."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    d, f = config.hidden_size, config.intermediate_size
+    layer = d * (2 * q + 2 * kv) + 3 * d * f
+    return config.vocab_size * d / layer
+
+
+def builtin_calibration_text(chars: int = 2000) -> str:
+    """A fixed sample of Python standard-library source, present on every machine."""
+    import json.decoder
+    return inspect.getsource(json.decoder)[:chars]
+
+
+def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
+                          max_draft: int = 12) -> SpecChoice:
+    """The (E, d) with the best modeled speed-up on these calibration sequences."""
+    alpha = exit_agreement(params, config, sequences)
+    h, L = head_cost_in_layers(config), config.num_hidden_layers
+    best = max(((expected_speedup(alpha[E - 1], E, d, L, h), E, d)
+                for E in range(1, L) for d in range(1, max_draft + 1)))
+    return SpecChoice(exit_layer=best[1], draft_len=best[2], expected_speedup=best[0],
+                      agreement=tuple(float(a) for a in alpha))

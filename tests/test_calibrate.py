@@ -1,0 +1,59 @@
+"""Calibration of exit layer and draft length, and the self-speculative CLI flags."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.calibrate import choose_exit_and_draft, exit_agreement, expected_speedup
+from inference.generate import main
+from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
+from jaxmodels.testing import tiny_config
+
+CONFIG = tiny_config(num_hidden_layers=6)
+PARAMS = init_params(CONFIG, jax.random.key(0), std=0.2)
+
+
+def test_exit_agreement_counts_argmax_matches_per_exit():
+    seqs = [list(range(3, 40)), [9, 8, 7, 6, 5]]
+    alpha = exit_agreement(PARAMS, CONFIG, seqs)
+    for E in (1, 4):  # recompute two exits directly, padding excluded
+        matches = total = 0
+        for s in seqs:
+            tokens = jnp.array([s])
+            pos = jnp.arange(len(s))[None]
+            h_e, _, _ = run_layers(PARAMS, CONFIG, embed_tokens(PARAMS, tokens), pos, stop=E)
+            h_l, _, _ = run_layers(PARAMS, CONFIG, h_e, pos, start=E)
+            a = jnp.argmax(exit_logits(PARAMS, CONFIG, h_e), -1)
+            b = jnp.argmax(exit_logits(PARAMS, CONFIG, h_l), -1)
+            matches, total = matches + int((a == b).sum()), total + len(s)
+        assert alpha[E - 1] == matches / total
+    assert alpha.shape == (5,)
+
+
+def test_cost_model_matches_its_formula_and_prefers_cheap_drafts_when_agreement_is_high():
+    # alpha = 0.8, E = 4, d = 5, L = 32, no head: (1 - .8^6)/.2 tokens over 5*4 + 4 + 28 passes
+    assert np.isclose(expected_speedup(0.8, 4, 5, 32, 0.0), (1 - 0.8 ** 6) / 0.2 * 32 / 52)
+    assert expected_speedup(0.0, 4, 5, 32, 1.0) < 1.0  # no agreement: pure overhead
+    assert expected_speedup(0.95, 4, 6, 32, 1.0) > 2.0
+
+
+def test_choice_is_the_argmax_of_the_model_over_the_grid():
+    seqs = [list(range(3, 60))]
+    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6)
+    assert 1 <= choice.exit_layer < 6 and 1 <= choice.draft_len <= 6
+    assert len(choice.agreement) == 5
+
+
+def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys):
+    base = ["--model", "smollm2", "--prompt", "def add(a, b):", "--max-new-tokens", "16", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr()[0].splitlines()[-1])
+    assert main(base + ["--self-speculative", "--exit-layer", "24", "--draft-len", "2"]) == 0
+    spec = json.loads(capsys.readouterr()[0].splitlines()[-1])
+    assert spec["generated_tokens"] == plain["generated_tokens"]
+    assert spec["self_speculative"] and spec["exit_layer"] == 24 and 0 <= spec["acceptance_rate"] <= 1
+    assert main(base + ["--self-speculative"]) == 0  # auto: SmolLM2's exits do not pay, so plain
+    out, err = capsys.readouterr()
+    assert "decoding plainly" in err and json.loads(out.splitlines()[-1])["self_speculative"] is False
