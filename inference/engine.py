@@ -20,7 +20,7 @@ from inference.sampling import SamplingConfig, select_token
 from inference.speculative import SpecConfig, speculative_loop
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, forward, run_layers, unstack_layers
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ALIGN = 128
@@ -95,26 +95,30 @@ def validate_request(config: LlamaConfig, prompts: Sequence[Sequence[int]], max_
 
 # ------------------------------------------------------------------------- compiled pieces
 def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
-            config: LlamaConfig) -> tuple[KVCache, jax.Array]:
-    """Run right-padded prompts tokens [B, T] through the model; logits [B, V] at each row's end."""
+            config: LlamaConfig, stop: int | None = None) -> tuple[KVCache, jax.Array]:
+    """Run right-padded prompts tokens [B, T] through layers [0, stop) and the shared exit;
+    logits [B, V] at each row's end."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache)
+    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache, stop=stop)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return cache.replace(lengths=lengths), exit_logits(params, config, last)
 
 
-def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KVCache
-                ) -> tuple[KVCache, jax.Array]:
-    """Append one token [B] per row at the row's length; returns the next logits [B, V]."""
-    logits, cache = forward(params, config, token[:, None], cache.lengths[:, None], cache)
-    return cache.replace(lengths=cache.lengths + 1), logits[:, 0]
+def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KVCache,
+                stop: int | None = None) -> tuple[KVCache, jax.Array]:
+    """Append one token [B] per row at the row's length through layers [0, stop) and the shared
+    exit; returns the next logits [B, V]."""
+    h, cache, _ = run_layers(params, config, embed_tokens(params, token[:, None]),
+                             cache.lengths[:, None], cache, stop=stop)
+    return cache.replace(lengths=cache.lengths + 1), exit_logits(params, config, h[:, 0])
 
 
 def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Array,
                 max_new: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
                 config: LlamaConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                out_len: int) -> tuple[jax.Array, jax.Array]:
-    """Sample up to `max_new` tokens per row on device. Returns (tokens [B, out_len], counts [B])."""
+                out_len: int, stop: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sample up to `max_new` tokens per row on device (layers [0, stop) only when early-exiting).
+    Returns (tokens [B, out_len], counts [B])."""
     batch = logits.shape[0]
     pad = eos_ids[0] if eos_ids else 0
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -131,7 +135,7 @@ def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Arra
         count = count + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, eos)
         more = (step + 1 < max_new) & ~jnp.all(done)
-        cache, logits = jax.lax.cond(more, lambda: decode_step(params, config, token, cache),
+        cache, logits = jax.lax.cond(more, lambda: decode_step(params, config, token, cache, stop),
                                      lambda: (cache, logits))
         return step + 1, cache, logits, out, done, count, key
 
@@ -161,16 +165,23 @@ def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *a
 def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int]],
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
-             speculative: SpecConfig | None = None) -> GenerationResult:
+             speculative: SpecConfig | None = None, early_exit: int | None = None
+             ) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0).
 
     With `speculative`, decode by LayerSkip self-speculation (same tokens as plain greedy decoding;
-    the same distribution when sampling) and report acceptance in the result.
+    the same distribution when sampling) and report acceptance in the result. With `early_exit=E`,
+    run only layers [0, E) and the shared exit (lossy, no verification).
     """
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
     validate_request(config, prompts, max_new_tokens)
     if speculative is not None:
         speculative.validate(config)
+    if early_exit is not None:
+        if speculative is not None:
+            raise ValueError("early_exit and speculative are alternatives: pass one of them")
+        if not 1 <= early_exit <= config.num_hidden_layers:
+            raise ValueError(f"early_exit must be in [1, {config.num_hidden_layers}], got {early_exit}")
     eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     lengths_np = np.array([len(p) for p in prompts], np.int32)
     # Self-speculation prefills all but the last prompt token (it is the first round's pending
@@ -189,7 +200,7 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     dtype = params["embed"].dtype
     cache = KVCache.create(config, len(prompts), cache_len, dtype)
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
-    run_prefill, c1 = _compiled("prefill", prefill, {"config": config}, (3,),
+    run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),
                                 params, tokens, lengths, cache)
     t0 = time.perf_counter()
     cache, logits = run_prefill(params, tokens, lengths, cache)
@@ -200,7 +211,7 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
                jnp.float32(top_p))
     static = {"config": config, "sampling": sampling, "eos_ids": eos_ids, "out_len": out_len}
     if speculative is None:
-        loop, args = decode_loop, (params, cache, logits, *runtime)
+        loop, args, static = decode_loop, (params, cache, logits, *runtime), {**static, "stop": early_exit}
     else:
         pending = jnp.asarray(lengths_np - 1)  # index of each row's last prompt token
         pending = jnp.take_along_axis(tokens, pending[:, None], axis=1)[:, 0]

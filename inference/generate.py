@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="LayerSkip self-speculative decoding (lossless)")
     p.add_argument("--exit-layer", type=int, help="draft with layers [0, E) (auto when omitted)")
     p.add_argument("--draft-len", type=int, help="tokens drafted per round (auto when omitted)")
+    p.add_argument("--early-exit", type=int, metavar="E",
+                   help="lossy: decode with layers [0, E) and the shared exit only")
     return p
 
 
@@ -80,7 +82,8 @@ def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple
     result = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       eos_token_ids=tokenizer.eos_token_ids or None,
-                      speculative=_speculation(params, config, tokenizer, ids, args))
+                      speculative=_speculation(params, config, tokenizer, ids, args),
+                      early_exit=args.early_exit)
     return result, tokenizer.decode(result.tokens[0]), ids
 
 

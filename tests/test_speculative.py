@@ -88,3 +88,20 @@ def test_bad_speculation_settings_are_rejected():
         generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(6, 2))
     with pytest.raises(ValueError, match="draft_len must be in"):
         generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(2, 0))
+
+
+def test_early_exit_decoding_is_greedy_on_the_exit_logits():
+    """Lossy mode: each token is the argmax of the shared exit after layer E (no-cache reference)."""
+    from jaxmodels import embed_tokens, exit_logits, run_layers
+    out = generate(PARAMS, CONFIG, PROMPTS[:2], 8, eos_token_ids=(), early_exit=2)
+    for prompt, row in zip(PROMPTS[:2], out.tokens):
+        seq = list(prompt)
+        for _ in range(8):
+            tokens = jnp.array([seq])
+            h, _, _ = run_layers(PARAMS, CONFIG, embed_tokens(PARAMS, tokens),
+                                 jnp.arange(len(seq))[None], stop=2)
+            seq.append(int(jnp.argmax(exit_logits(PARAMS, CONFIG, h[0, -1]))))
+        assert row == seq[len(prompt):]
+    assert out.tokens != PLAIN.tokens[:2]  # a different (lossy) model
+    with pytest.raises(ValueError, match="early_exit must be in"):
+        generate(PARAMS, CONFIG, PROMPTS, 4, early_exit=7)
