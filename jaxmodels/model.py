@@ -134,7 +134,7 @@ def unstack_layers(params: Params) -> Params:
 
 def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax.Array,
                cache: KVCache | None = None, *, start: int = 0, stop: int | None = None,
-               collect_hidden: bool = False, remat: bool = False
+               collect_hidden: bool = False, remat: bool = False, skip: jax.Array | None = None
                ) -> tuple[jax.Array, KVCache | None, jax.Array | None]:
     """Run layers [start, stop) on hidden states h [B, T, D] at absolute positions [B, T].
 
@@ -144,12 +144,18 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
     (training). Returns (h, cache, hidden) where hidden [stop-start, B, T, D] holds the state after
     each layer when `collect_hidden`. Stacked layers run under `lax.scan`; unstacked layers (see
     `unstack_layers`) run as an unrolled loop.
+
+    `skip` [stop-start] bool (training only) makes layer i the identity on the residual stream when
+    set: LayerSkip's layer dropout. The layer runs under `lax.cond`, so a skipped layer's forward
+    and backward are not computed at all; the draw is per call (per micro-batch) for that reason.
     """
     stop = config.num_hidden_layers if stop is None else stop
     if not 0 <= start <= stop <= config.num_hidden_layers:
         raise ValueError(f"layer range [{start}, {stop}) is outside [0, {config.num_hidden_layers}]")
     if start == stop:
         return h, cache, (jnp.zeros((0,) + h.shape, h.dtype) if collect_hidden else None)
+    if skip is not None and cache is not None:
+        raise ValueError("layer skipping is a training feature; it cannot be combined with a KV cache")
     inv_freq = jnp.asarray(rope_inverse_frequencies(config))
     cos, sin = rope_cos_sin(positions, inv_freq)
     write_at = positions[:, 0]
@@ -171,19 +177,28 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
 
     if remat:
         body = jax.checkpoint(body)
+    if skip is not None:
+        layer_body = body
+
+        def body(h, xs):  # noqa: F811 - the same layer, or the identity when skipped
+            *layer_xs, skipped = xs
+            identity = lambda h: (h, (None, None, h if collect_hidden else None))
+            return jax.lax.cond(skipped, identity, lambda h: layer_body(h, tuple(layer_xs)), h)
     k_in = cache.k[start:stop] if cache is not None else None
     v_in = cache.v[start:stop] if cache is not None else None
     layers = layer_slice(params, start, stop)
     if isinstance(layers, tuple):  # unrolled: each layer's cache buffer is updated in place
         outs = []
         for i, lp in enumerate(layers):
-            h, out = body(h, (lp, None if k_in is None else k_in[i], None if v_in is None else v_in[i]))
+            xs = (lp, None if k_in is None else k_in[i], None if v_in is None else v_in[i])
+            h, out = body(h, xs if skip is None else (*xs, skip[i]))
             outs.append(out)
         k_out, v_out = (None, None) if cache is None else ([o[0] for o in outs], [o[1] for o in outs])
         hidden = jnp.stack([o[2] for o in outs]) if collect_hidden else None
     else:  # scanned: the cache goes through as stacked per-layer slices (xs in, ys out)
         stacked = (None, None) if cache is None else (jnp.stack(k_in), jnp.stack(v_in))
-        h, (k_out, v_out, hidden) = jax.lax.scan(body, h, (layers, *stacked))
+        xs = (layers, *stacked) if skip is None else (layers, *stacked, skip)
+        h, (k_out, v_out, hidden) = jax.lax.scan(body, h, xs)
     if cache is not None:
         merge = lambda old, new: old[:start] + tuple(new[i] for i in range(stop - start)) + old[stop:]
         cache = cache.replace(k=merge(cache.k, k_out), v=merge(cache.v, v_out))

@@ -81,3 +81,20 @@ def test_config_errors_name_the_problem():
         tiny_config(rope_scaling={"rope_type": "yarn", "factor": 2.0})
     with pytest.raises(ConfigError, match="did you mean 'num_hidden_layers'"):
         LlamaConfig.from_overrides(CONFIG, {"num_hiden_layers": 2})
+
+
+def test_skipped_layers_are_the_identity_and_get_no_gradient():
+    positions = jnp.broadcast_to(jnp.arange(20), TOKENS.shape)
+    h0 = embed_tokens(PARAMS, TOKENS)
+    skip = jnp.array([False, True, False, True])
+    h, _, hidden = run_layers(PARAMS, CONFIG, h0, positions, skip=skip, collect_hidden=True)
+    h_a, _, _ = run_layers(PARAMS, CONFIG, h0, positions, start=0, stop=1)
+    h_b, _, _ = run_layers(PARAMS, CONFIG, h_a, positions, start=2, stop=3)
+    np.testing.assert_allclose(h, h_b, atol=1e-6)
+    np.testing.assert_allclose(hidden[1], hidden[0], atol=0)  # layer 1 passed its input through
+    loss = lambda p: run_layers(p, CONFIG, h0, positions, skip=skip, remat=True)[0].sum()
+    grads = jax.grad(loss)(PARAMS)["layers"]["wq"]
+    assert float(jnp.abs(grads[1]).sum()) == 0 and float(jnp.abs(grads[3]).sum()) == 0
+    assert float(jnp.abs(grads[0]).sum()) > 0
+    with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
+        run_layers(PARAMS, CONFIG, h0, positions, KVCache.create(CONFIG, 3, 32), skip=skip)
