@@ -130,10 +130,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             grads = jax.tree_util.tree_map(jnp.add, grads, g)
             return (grads, loss_sum + loss, acc_sum + aux["accuracy"]), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, acc_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
-        grads = jax.tree_util.tree_map(lambda g: g / num_micro, grads)
+        if num_micro == 1:  # no accumulation buffers: one less pass over parameter-sized memory
+            first = jax.tree_util.tree_map(lambda x: x[0], batch)
+            (loss_sum, aux), grads = grad_fn(params, first, jax.random.fold_in(rng, 0))
+            acc_sum = aux["accuracy"]
+        else:
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, loss_sum, acc_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
+            grads = jax.tree_util.tree_map(lambda g: g / num_micro, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": loss_sum / num_micro, "accuracy": acc_sum / num_micro,
