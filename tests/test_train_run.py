@@ -41,7 +41,7 @@ def _overrides(cfg: TrainConfig) -> list[str]:
             "run.progress": "false", "run.sample_tokens": str(cfg.run.sample_tokens),
             "data.heldout_percent": str(cfg.data.heldout_percent), "run.steps": str(cfg.run.steps),
             "checkpoint.every": str(cfg.checkpoint.every), "run.eval_every": str(cfg.run.eval_every),
-            "mesh.data": str(cfg.mesh.data)}
+            "mesh.data": str(cfg.mesh.data), "mesh.fsdp": str(cfg.mesh.fsdp)}
     return [f"{k}={v}" for k, v in keys.items()]
 
 
@@ -99,9 +99,13 @@ RUN_SLOWLY = textwrap.dedent("""
 """)
 
 
-def test_sigkill_and_resume_gives_the_same_losses(corpus, cache, tmp_path):
+@pytest.mark.parametrize("mesh", [
+    {"mesh.data": 1},
+    pytest.param({"mesh.data": 2, "mesh.fsdp": 4}, marks=pytest.mark.slow, id="fsdp"),
+])
+def test_sigkill_and_resume_gives_the_same_losses(corpus, cache, tmp_path, mesh):
     steps = 16
-    common = {"run.steps": steps, "checkpoint.every": 4, "run.eval_every": 0, "mesh.data": 1}
+    common = {"run.steps": steps, "checkpoint.every": 4, "run.eval_every": 0, **mesh}
     reference = tiny_train_config(tmp_path / "reference", corpus, cache, **common)
     train(reference)
     expected = [r["loss"] for r in _records(tmp_path / "reference")]
@@ -139,6 +143,25 @@ def test_stdlib_loss_goes_down(tmp_path):
     losses = [r["loss"] for r in _records(tmp_path / "run")]
     assert np.mean(losses[-5:]) < losses[0] - 0.8
     assert summary["heldout"]["loss"] < losses[0] - 0.5
+
+
+@pytest.mark.slow
+def test_fine_tune_smollm2_gguf(corpus, cache, tmp_path):
+    """init_from=smollm2: fine-tune the 135M GGUF with its own tokenizer, export it, load it back."""
+    pytest.importorskip("gguf")
+    from jaxmodels.convert.gguf import smollm2_gguf_path
+    try:
+        smollm2_gguf_path()
+    except Exception as err:
+        pytest.skip(str(err))
+    cfg = tiny_train_config(tmp_path / "ft", corpus, cache, **{
+        "init_from": "smollm2", "run.steps": 4, "run.batch_size": 2, "run.seq_len": 64, "run.eval_every": 0,
+        "run.eval_batches": 1, "checkpoint.enabled": False, "optimizer.lr": 1e-4, "schedule.warmup_steps": 1,
+        "mesh.data": 1})
+    summary = train(cfg)
+    assert summary["params"] > 100e6 and summary["first_loss"] < 5.0  # a trained model, not random
+    config, _, tok = load_model(tmp_path / "ft")
+    assert config.vocab_size == 49152 and tok.vocab_size == 49152
 
 
 @pytest.mark.parametrize("args, fragment", [

