@@ -100,6 +100,19 @@ def test_bf16_compute_keeps_fp32_master_weights():
     np.testing.assert_allclose(bf16[0], f32[0], rtol=2e-2)
 
 
+def test_remat_gives_the_same_step():
+    blocks = _batches(1)[0]
+    batch = split_batch(blocks, 1)
+    outs = []
+    for remat in (False, True):
+        fns = build_steps(CONFIG, OPT, SCHED, 10, remat=remat)
+        params = init_params(CONFIG, jax.random.PRNGKey(0))
+        outs.append(jax.jit(fns.train_step)(params, fns.optimizer.init(params), batch,
+                                            jax.random.PRNGKey(1), jnp.int32(0)))
+    np.testing.assert_allclose(outs[0][2]["loss"], outs[1][2]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(outs[0][2]["grad_norm"], outs[1][2]["grad_norm"], rtol=1e-5)
+
+
 def test_eval_step_matches_forward():
     fns = build_steps(CONFIG, OPT, SCHED, 10)
     params = init_params(CONFIG, jax.random.PRNGKey(3))

@@ -32,7 +32,7 @@ from jaxmodels.convert.hf import CheckpointError, save_hf_checkpoint
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, init_params
 from training import parallel
-from training.checkpoint import Checkpointer
+from training.checkpoint import CheckpointMismatchError, Checkpointer
 from training.config import ConfigError, TrainConfig, dump_yaml, load_config, preset_names, valid_keys
 from training.corpus import DataError
 from training.data import DataPosition, DataSet, prepare_data, split_batch
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, CheckpointMismatchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
