@@ -1,0 +1,83 @@
+"""LayerSkip training math: dropout rates, exit weights, curricula, the chunked exit loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
+from jaxmodels.testing import tiny_config
+from training.layerskip import (LayerSkipConfig, dropout_probabilities, early_exit_loss,
+                                exit_curriculum, exit_weights, sample_skip_mask,
+                                token_cross_entropy)
+
+
+def test_dropout_probabilities_follow_the_formula():
+    L, T, p_max = 8, 101, 0.2
+    for t in (0, 37, 100):
+        p = np.asarray(dropout_probabilities(L, t, T, p_max, "exp"))
+        s = 2 ** (t / (T - 1)) - 1
+        expected = [s * (2 ** (l / (L - 1)) - 1) * p_max for l in range(L)]
+        np.testing.assert_allclose(p, expected, rtol=1e-6, atol=1e-7)
+    constant = np.asarray(dropout_probabilities(L, 0, T, p_max, "constant"))
+    assert constant[0] == 0 and np.isclose(constant[-1], p_max)  # layer 0 never, last at p_max
+
+
+def test_empirical_skip_rates_match_the_probabilities():
+    probs = dropout_probabilities(6, 0, 10, 0.5, "constant")
+    keys = jax.random.split(jax.random.key(0), 20_000)
+    rates = np.asarray(jax.vmap(lambda k: sample_skip_mask(k, probs))(keys).mean(0))
+    np.testing.assert_allclose(rates, np.asarray(probs), atol=0.015)  # ~4.5 sigma at p = 0.5
+    assert rates[0] == 0
+
+
+def test_exit_weights_grow_with_depth_and_always_include_the_final_layer():
+    L = 6
+    w = np.asarray(exit_weights(L, 0, 100, 0.5, "none", 4))
+    e = np.array([0.5 * l * (l + 1) / 2 for l in range(1, L)] + [L * (L + 1) / 2])
+    np.testing.assert_allclose(w, e / e.sum(), rtol=1e-6)
+    assert np.isclose(w.sum(), 1) and np.all(np.diff(w) > 0)
+    for curriculum in ("rotational", "gradual"):
+        for t in range(0, 100, 7):
+            wt = np.asarray(exit_weights(L, t, 100, 1.0, curriculum, 3))
+            assert wt[-1] > 0 and np.isclose(wt.sum(), 1)  # the model's output is always trained
+
+
+def test_rotational_curriculum_rotates_every_r_th_exit():
+    on = [np.asarray(exit_curriculum(8, t, 100, "rotational", 4)) for t in range(4)]
+    assert on[0].tolist() == [1, 0, 0, 0, 1, 0, 0, 1]  # exits 1, 5 and the final exit 8
+    assert on[1].tolist() == [0, 1, 0, 0, 0, 1, 0, 1]
+    assert on[3].tolist() == [0, 0, 0, 1, 0, 0, 0, 1]  # exit 4 and exit 8 (= final)
+    assert np.asarray(exit_curriculum(8, 4, 100, "rotational", 4)).tolist() == on[0].tolist()
+
+
+def test_gradual_curriculum_switches_exits_on_from_the_top_and_all_by_mid_training():
+    L, T = 4, 101
+    assert np.asarray(exit_curriculum(L, 0, T, "gradual", 1)).tolist() == [0, 0, 0, 1]
+    # exit l turns on when t/T >= 0.5 (L - l) / L: exit 3 at t/100 >= 0.125
+    assert np.asarray(exit_curriculum(L, 13, T, "gradual", 1)).tolist() == [0, 0, 1, 1]
+    assert np.asarray(exit_curriculum(L, 50, T, "gradual", 1)).tolist() == [1, 1, 1, 1]
+
+
+def test_early_exit_loss_equals_the_weighted_sum_of_per_exit_losses():
+    config = tiny_config()
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, config.vocab_size)
+    inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 16))
+    positions = jnp.broadcast_to(jnp.arange(16), inputs.shape)
+    h, _, hidden = run_layers(params, config, embed_tokens(params, inputs), positions, collect_hidden=True)
+    np.testing.assert_allclose(hidden[-1], h)  # exit L is the model's own output
+    weights = exit_weights(4, 1, 10, 1.0, "rotational", 2)  # exits 2 and 4 on
+    loss, per_exit = early_exit_loss(params, config, hidden, targets, mask, weights)
+    naive = [token_cross_entropy(exit_logits(params, config, hidden[l]), targets, mask) for l in range(4)]
+    np.testing.assert_allclose(loss, sum(float(w) * float(c) for w, c in zip(weights, naive)), rtol=1e-5)
+    np.testing.assert_allclose(per_exit, [0, naive[1], 0, naive[3]], rtol=1e-5)
+    grads = jax.grad(lambda p: early_exit_loss(p, config, hidden, targets, mask, weights)[0])(params)
+    assert float(jnp.abs(grads["final_norm"]).sum()) > 0
+
+
+def test_bad_layerskip_settings_are_rejected():
+    with pytest.raises(ValueError, match="dropout_max must be in"):
+        LayerSkipConfig(dropout_max=1.5)
+    with pytest.raises(ValueError, match="curriculum must be one of"):
+        LayerSkipConfig(curriculum="rotate")
