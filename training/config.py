@@ -119,6 +119,8 @@ class RunSection:
     out_dir: str = "runs/default"  # RUN_DIR: metrics.jsonl, checkpoints/, model/
     sample_prompt: str = "def "
     sample_tokens: int = 64  # tokens generated at the end (0 = no sample)
+    sample_temperature: float = 0.8  # 0 = greedy (weak models loop under greedy decoding)
+    sample_top_k: int = 40
     progress: bool = True  # tqdm progress bar
 
 
@@ -347,8 +349,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16', got '{cfg.model.compute_dtype}'")
     if cfg.schedule.decay not in ("cosine", "constant"):
         raise ConfigError(f"schedule.decay must be 'cosine' or 'constant', got '{cfg.schedule.decay}'")
-    if not 0.0 <= cfg.data.heldout_percent < 100.0:
-        raise ConfigError(f"data.heldout_percent must be in [0, 100), got {cfg.data.heldout_percent}")
+    if not 0.0 < cfg.data.heldout_percent < 100.0:  # held-out loss is part of every run
+        raise ConfigError(f"data.heldout_percent must be in (0, 100), got {cfg.data.heldout_percent}")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

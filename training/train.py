@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.hf import CheckpointError, save_hf_checkpoint
@@ -37,7 +38,7 @@ from training.config import ConfigError, TrainConfig, dump_yaml, load_config, pr
 from training.corpus import DataError
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.metrics import MetricsLog, Progress
-from training.step import build_steps
+from training.step import StepFns, build_steps
 
 
 # --------------------------------------------------------------------------- model and state
@@ -84,19 +85,58 @@ def evaluate(eval_step, params: Params, data: DataSet, batch_size: int, max_batc
             "accuracy": total["correct"] / max(total["tokens"], 1.0), "tokens": int(total["tokens"])}
 
 
-def generate_sample(params: Params, config: LlamaConfig, tok: Tokenizer, prompt: str, n: int) -> str | None:
-    """Greedy continuation of `prompt` through `inference.generate` (None if it is unavailable)."""
+def generate_sample(params: Params, config: LlamaConfig, tok: Tokenizer, prompt: str, n: int,
+                    temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str | None:
+    """A continuation of `prompt` through `inference.generate` (None if it is unavailable)."""
     try:
         from inference.generate import generate
     except ImportError as err:
         print(f"no sample: inference.generate is unavailable ({err})")
         return None
     ids = tok.encode(prompt) or list(tok.eos_token_ids[:1])
-    result = generate(params, config, [ids], n, eos_token_ids=list(tok.eos_token_ids) or None)
+    result = generate(params, config, [ids], n, temperature=temperature, top_k=top_k, seed=seed,
+                      eos_token_ids=list(tok.eos_token_ids) or None)
     return prompt + tok.decode(result.tokens[0])
 
 
 # --------------------------------------------------------------------------- the run
+def initial_state(cfg: TrainConfig, model_config: LlamaConfig, fns: StepFns, mesh: Mesh,
+                  imported: Params | None) -> tuple[dict[str, Any], Any, Any]:
+    """Fresh (or imported) params, AdamW state and step RNG, placed with their shardings."""
+    init_key, step_rng = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
+    init = lambda k: init_params(model_config, k, std=cfg.model.init_std)  # noqa: E731
+    param_sh = parallel.state_shardings(jax.eval_shape(init, init_key), mesh)
+    opt_sh = parallel.state_shardings(jax.eval_shape(fns.optimizer.init, jax.eval_shape(init, init_key)), mesh)
+    if imported is not None:
+        params = parallel.put(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), imported), param_sh)
+    else:
+        params = jax.jit(init, out_shardings=param_sh)(init_key)
+    state = {"params": params, "opt_state": jax.jit(fns.optimizer.init, out_shardings=opt_sh)(params),
+             "rng": jax.device_put(step_rng, parallel.replicated(mesh))}
+    return state, param_sh, opt_sh
+
+
+def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: DataSet, eval_fn,
+           log: MetricsLog) -> dict[str, Any]:
+    """Final held-out evaluation, export to RUN_DIR/model, a generated sample."""
+    run_dir, run = Path(cfg.run.out_dir), cfg.run
+    ev = eval_fn(params, 0)
+    log.write({"split": "heldout", "step": run.steps, "final": True, **ev})
+    log.echo(f"held-out: loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}, accuracy "
+             f"{ev['accuracy']:.4f} over {ev['tokens']:,} tokens")
+    host_params = jax.device_get(params)
+    save_hf_checkpoint(run_dir / "model", model_config, host_params)
+    data.tokenizer.save(run_dir / "model")
+    log.echo(f"exported the model to {run_dir / 'model'}")
+    if run.sample_tokens > 0:
+        sample = generate_sample(host_params, model_config, data.tokenizer, run.sample_prompt, run.sample_tokens,
+                                 run.sample_temperature, run.sample_top_k, run.seed)
+        if sample is not None:
+            (run_dir / "sample.txt").write_text(sample)
+            log.echo("sample:\n" + sample)
+    return ev
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary also written to RUN_DIR/summary.json."""
     t_start = time.time()
@@ -106,40 +146,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     dump_yaml(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir / "metrics.jsonl")
 
-    init_params_np, tok = None, None
+    # ---- data and model shape
+    imported, tok = None, None
     if cfg.init_from:
-        model_config, init_params_np, tok = load_init(cfg.init_from)
+        model_config, imported, tok = load_init(cfg.init_from)
         log.echo(f"init_from {cfg.init_from}: the checkpoint defines the model shape and tokenizer "
                  f"(model.* shape keys and data.vocab_size are ignored)")
     t0 = time.time()
     data = prepare_data(cfg.data, run.seq_len, run.seed, tokenizer=tok)
-    tok = data.tokenizer
     if not cfg.init_from:
-        model_config = model_config_for(cfg, tok)
+        model_config = model_config_for(cfg, data.tokenizer)
     log.echo(f"data: {cfg.data.source}: {len(data.corpus.train)} train / {len(data.corpus.heldout)} held-out "
              f"documents, {len(data.train.stream):,} / {len(data.heldout.stream):,} tokens, vocab "
-             f"{tok.vocab_size} ({time.time() - t0:.1f}s)")
+             f"{data.tokenizer.vocab_size} ({time.time() - t0:.1f}s)")
 
+    # ---- mesh, steps, state: fresh, imported, or restored from the newest complete checkpoint
     mesh = parallel.make_mesh(cfg.mesh, devices)
     micro = run.batch_size // opt.grad_accum
     parallel.check_batch(mesh, micro)
     fns = build_steps(model_config, opt, cfg.schedule, run.steps, cfg.model.compute_dtype, cfg.model.remat)
-
-    # ---- state: fresh, imported, or restored from the newest complete checkpoint
-    key = jax.random.PRNGKey(run.seed)
-    init_key, step_rng = jax.random.split(key)
-    abstract_params = jax.eval_shape(lambda: init_params(model_config, init_key, std=cfg.model.init_std))
-    param_sh = parallel.state_shardings(abstract_params, mesh)
-    opt_sh = parallel.state_shardings(jax.eval_shape(fns.optimizer.init, abstract_params), mesh)
-    if init_params_np is not None:
-        params = parallel.put(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), init_params_np),
-                              param_sh)
-    else:
-        params = jax.jit(lambda k: init_params(model_config, k, std=cfg.model.init_std),
-                         out_shardings=param_sh)(init_key)
-    opt_state = jax.jit(fns.optimizer.init, out_shardings=opt_sh)(params)
-    rep = parallel.replicated(mesh)
-    state = {"params": params, "opt_state": opt_state, "rng": jax.device_put(step_rng, rep)}
+    state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported)
     start, position = 0, DataPosition()
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
@@ -147,82 +173,64 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     if restored is not None:
         start, state, meta = restored
         position = DataPosition.from_dict(meta["data_position"])
-        log.truncate_after(start)
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
     elif resume:
         raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
-    else:
-        log.truncate_after(0)
+    log.truncate_after(start)
     log.echo(f"model: {model_config.num_params() / 1e6:.2f}M parameters, {model_config.num_hidden_layers} "
              f"layers, d={model_config.hidden_size}; mesh {dict(mesh.shape)}; batch {run.batch_size} x "
              f"{run.seq_len} tokens ({opt.grad_accum} micro-batches); {run.steps} steps")
 
     # ---- compile once, ahead of time
-    train_step = parallel.jit_train_step(fns.train_step, mesh, param_sh, opt_sh)
-    eval_step = parallel.jit_eval_step(fns.eval_step, mesh, param_sh)
-    eval_sh = parallel.eval_batch_shardings(mesh)
     bsh = parallel.batch_sharding(mesh)
     t0 = time.time()
     example = parallel.put(split_batch(np.zeros((run.batch_size, run.seq_len + 1), np.int32), opt.grad_accum),
                            bsh)
-    train_step = train_step.lower(state["params"], state["opt_state"], example, state["rng"],
-                                  jnp.int32(0)).compile()
+    train_step = parallel.jit_train_step(fns.train_step, mesh, param_sh, opt_sh).lower(
+        state["params"], state["opt_state"], example, state["rng"], jnp.int32(0)).compile()
     log.echo(f"compiled the train step in {time.time() - t0:.1f}s")
+    eval_step = parallel.jit_eval_step(fns.eval_step, mesh, param_sh)
+    eval_sh = parallel.eval_batch_shardings(mesh)
+    eval_fn = lambda p, n: evaluate(eval_step, p, data, micro, n, eval_sh)  # noqa: E731
 
     # ---- the loop
-    tokens_per_step = run.batch_size * run.seq_len
-    progress = Progress(run.steps, start, tokens_per_step, enabled=run.progress)
+    progress = Progress(run.steps, start, run.batch_size * run.seq_len, enabled=run.progress)
     params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
     pending: list[tuple[int, Any]] = []
-    first_loss = None
     for step in range(start, run.steps):
         blocks, position = data.train_batch(position, run.batch_size)
         batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
         params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.int32(step))
-        pending.append((step + 1, metrics))
         done = step + 1
-        if done % run.log_every == 0 or done == run.steps:
-            records = [dict(step=s, **{k: float(v) for k, v in m.items()})
-                       for s, m in jax.device_get(pending)]
+        pending.append((done, metrics))
+        save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps)
+        # flush before every checkpoint too, so a resumed run's metrics.jsonl has no gap
+        if done % run.log_every == 0 or done == run.steps or save_now:
+            progress.update(done, [dict(step=s, **{k: float(v) for k, v in m.items()})
+                                   for s, m in jax.device_get(pending)], log)
             pending = []
-            first_loss = records[0]["loss"] if first_loss is None else first_loss
-            progress.update(done, records, log)
         if run.eval_every and done % run.eval_every == 0 and done != run.steps:
-            ev = evaluate(eval_step, params, data, micro, run.eval_batches, eval_sh)
+            ev = eval_fn(params, run.eval_batches)
             log.write({"split": "heldout", "step": done, **ev})
             progress.note(f"held-out loss {ev['loss']:.3f} ppl {ev['perplexity']:.1f} acc {ev['accuracy']:.3f}")
-        if ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps):
+        if save_now:
             ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng},
                       {"data_position": position.to_dict()})
     progress.close()
     if ckpt is not None:
         ckpt.close()
-    train_seconds = progress.seconds
 
-    # ---- final evaluation, export, sample
-    ev = evaluate(eval_step, params, data, micro, 0, eval_sh)
-    log.write({"split": "heldout", "step": run.steps, "final": True, **ev})
-    log.echo(f"held-out: loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}, accuracy "
-             f"{ev['accuracy']:.4f} over {ev['tokens']:,} tokens")
-    host_params = jax.device_get(params)
-    save_hf_checkpoint(run_dir / "model", model_config, host_params)
-    tok.save(run_dir / "model")
-    log.echo(f"exported the model to {run_dir / 'model'}")
-    sample = None
-    if run.sample_tokens > 0:
-        sample = generate_sample(host_params, model_config, tok, run.sample_prompt, run.sample_tokens)
-        if sample is not None:
-            (run_dir / "sample.txt").write_text(sample)
-            log.echo("sample:\n" + sample)
+    ev = finish(cfg, params, model_config, data, eval_fn, log)
     losses = log.train_losses()
     summary = {"steps": run.steps, "resumed_from": start, "wall_seconds": round(time.time() - t_start, 1),
-               "train_seconds": round(train_seconds, 1),
-               "first_loss": losses[0] if losses else first_loss, "last_loss": losses[-1] if losses else None,
-               "heldout": ev, "params": model_config.num_params(), "tokens_per_step": tokens_per_step,
-               "run_dir": str(run_dir)}
+               "train_seconds": round(progress.seconds, 1),
+               "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+               "heldout": ev, "params": model_config.num_params(),
+               "tokens_per_step": run.batch_size * run.seq_len, "run_dir": str(run_dir)}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.echo(f"done in {summary['wall_seconds']}s: train loss {summary['first_loss']:.3f} -> "
-             f"{summary['last_loss']:.3f}, held-out loss {ev['loss']:.3f}")
+    if losses:
+        log.echo(f"done in {summary['wall_seconds']}s: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+                 f"held-out loss {ev['loss']:.3f}")
     return summary
 
 
