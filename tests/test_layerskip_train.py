@@ -81,3 +81,22 @@ def test_bad_layerskip_settings_are_rejected():
         LayerSkipConfig(dropout_max=1.5)
     with pytest.raises(ValueError, match="curriculum must be one of"):
         LayerSkipConfig(curriculum="rotate")
+
+
+def test_exit_eval_sums_match_a_direct_computation():
+    from training.layerskip import exit_eval_sums
+    config = tiny_config()
+    params = init_params(config, jax.random.key(3), std=0.2)
+    tokens = jax.random.randint(jax.random.key(4), (3, 13), 0, config.vocab_size)
+    inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], jnp.array([1.0, 1.0, 0.0])
+    sums = exit_eval_sums(params, config, inputs, targets, weights)
+    positions = jnp.broadcast_to(jnp.arange(12), inputs.shape)
+    _, _, hidden = run_layers(params, config, embed_tokens(params, inputs), positions, collect_hidden=True)
+    final = jnp.argmax(exit_logits(params, config, hidden[-1][:2]), -1)
+    for l in range(4):
+        logits = exit_logits(params, config, hidden[l][:2])
+        agree = int((jnp.argmax(logits, -1) == final).sum())
+        assert int(sums["agree"][l]) == agree
+        ce = token_cross_entropy(logits, targets[:2], jnp.ones((2, 12)))
+        np.testing.assert_allclose(sums["loss"][l] / sums["tokens"], ce, rtol=1e-5)
+    assert int(sums["tokens"]) == 24 and int(sums["agree"][-1]) == 24

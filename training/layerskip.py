@@ -125,3 +125,25 @@ def early_exit_loss(params: Params, config: LlamaConfig, hidden: jax.Array, targ
 
     total, per_exit = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights))
     return total, per_exit
+
+
+def exit_eval_sums(params: Params, config: LlamaConfig, inputs: jax.Array, targets: jax.Array,
+                   weights: jax.Array) -> dict[str, jax.Array]:
+    """Per-exit held-out sums for exits 1..L: CE `loss` [L], `agree` [L] (top-1 equal to the final
+    exit's), `correct` [L] (top-1 equal to the target), and `tokens`. inputs/targets [B, T],
+    weights [B] (0 for padding rows). One exit's logits exist at a time."""
+    from jaxmodels.model import embed_tokens, run_layers
+    b, t = inputs.shape
+    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    h, _, hidden = run_layers(params, config, embed_tokens(params, inputs), positions, collect_hidden=True)
+    final = jnp.argmax(exit_logits(params, config, h), axis=-1)
+    w = jnp.broadcast_to(weights[:, None], (b, t)).astype(jnp.float32)
+
+    def one_exit(h_l):
+        logits = exit_logits(params, config, h_l).astype(jnp.float32)
+        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        top1 = jnp.argmax(logits, -1)
+        return ((nll * w).sum(), ((top1 == final) * w).sum(), ((top1 == targets) * w).sum())
+
+    loss, agree, correct = jax.lax.map(one_exit, hidden)
+    return {"loss": loss, "agree": agree, "correct": correct, "tokens": w.sum()}
