@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from inference.calibrate import choose_exit_and_draft, exit_agreement, expected_speedup
-from inference.generate import main
+from inference.cli import main
 from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
 from jaxmodels.testing import tiny_config
 

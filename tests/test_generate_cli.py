@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from inference.generate import main
+from inference.cli import main
 from jaxmodels.convert.gguf import smollm2_gguf_path
 
 try:

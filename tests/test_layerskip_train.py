@@ -7,9 +7,14 @@ import pytest
 
 from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
 from jaxmodels.testing import tiny_config
-from training.layerskip import (LayerSkipConfig, dropout_probabilities, early_exit_loss,
-                                exit_curriculum, exit_weights, sample_skip_mask,
-                                token_cross_entropy)
+from training.config import LayerSkipSection
+from training.layerskip import (dropout_probabilities, early_exit_loss,
+                                exit_curriculum, exit_weights, sample_skip_mask)
+from training.step import token_cross_entropy
+
+
+def mean_ce(logits, targets):
+    return token_cross_entropy(logits, targets)[0].mean()
 
 
 def test_dropout_probabilities_follow_the_formula():
@@ -63,24 +68,24 @@ def test_early_exit_loss_equals_the_weighted_sum_of_per_exit_losses():
     config = tiny_config()
     params = init_params(config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, config.vocab_size)
-    inputs, targets, mask = tokens[:, :-1], tokens[:, 1:], jnp.ones((2, 16))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(16), inputs.shape)
     h, _, hidden = run_layers(params, config, embed_tokens(params, inputs), positions, collect_hidden=True)
     np.testing.assert_allclose(hidden[-1], h)  # exit L is the model's own output
     weights = exit_weights(4, 1, 10, 1.0, "rotational", 2)  # exits 2 and 4 on
-    loss, per_exit = early_exit_loss(params, config, hidden, targets, mask, weights)
-    naive = [token_cross_entropy(exit_logits(params, config, hidden[l]), targets, mask) for l in range(4)]
+    loss, per_exit, _ = early_exit_loss(params, config, hidden, targets, weights)
+    naive = [mean_ce(exit_logits(params, config, hidden[l]), targets) for l in range(4)]
     np.testing.assert_allclose(loss, sum(float(w) * float(c) for w, c in zip(weights, naive)), rtol=1e-5)
     np.testing.assert_allclose(per_exit, [0, naive[1], 0, naive[3]], rtol=1e-5)
-    grads = jax.grad(lambda p: early_exit_loss(p, config, hidden, targets, mask, weights)[0])(params)
+    grads = jax.grad(lambda p: early_exit_loss(p, config, hidden, targets, weights)[0])(params)
     assert float(jnp.abs(grads["final_norm"]).sum()) > 0
 
 
 def test_bad_layerskip_settings_are_rejected():
     with pytest.raises(ValueError, match="dropout_max must be in"):
-        LayerSkipConfig(dropout_max=1.5)
+        LayerSkipSection(dropout_max=1.5)
     with pytest.raises(ValueError, match="curriculum must be one of"):
-        LayerSkipConfig(curriculum="rotate")
+        LayerSkipSection(curriculum="rotate")
 
 
 def test_exit_eval_sums_match_a_direct_computation():
@@ -97,6 +102,6 @@ def test_exit_eval_sums_match_a_direct_computation():
         logits = exit_logits(params, config, hidden[l][:2])
         agree = int((jnp.argmax(logits, -1) == final).sum())
         assert int(sums["agree"][l]) == agree
-        ce = token_cross_entropy(logits, targets[:2], jnp.ones((2, 12)))
+        ce = mean_ce(logits, targets[:2])
         np.testing.assert_allclose(sums["loss"][l] / sums["tokens"], ce, rtol=1e-5)
     assert int(sums["tokens"]) == 24 and int(sums["agree"][-1]) == 24

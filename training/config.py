@@ -27,6 +27,8 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+LAYERSKIP_CURRICULA = ("none", "rotational", "gradual")
+DROPOUT_SCHEDULES = ("constant", "exp")
 
 
 class ConfigError(ValueError):
@@ -122,6 +124,40 @@ class RunSection:
     sample_temperature: float = 0.8  # 0 = greedy (weak models loop under greedy decoding)
     sample_top_k: int = 40
     progress: bool = True  # tqdm progress bar
+    decode_report: bool = True  # LayerSkip runs: plain vs self-speculative tokens/s at the end
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerSkipSection:
+    """LayerSkip: layer dropout and the early-exit loss (all off by default; see training/layerskip.py)."""
+
+    dropout_max: float = 0.0  # p_max; 0 disables layer dropout
+    dropout_schedule: str = "constant"  # S(t): 'constant' (continual) or 'exp' (from scratch)
+    exit_loss: bool = False  # the early-exit loss through the shared exit
+    e_scale: float = 1.0  # weight scale of the non-final exits
+    curriculum: str = "none"  # which exits are in the loss at step t: none | rotational | gradual
+    rotation: int = 4  # R of the rotational curriculum
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout_max <= 1.0:
+            raise ConfigError(f"layerskip.dropout_max must be in [0, 1], got {self.dropout_max}")
+        if self.dropout_schedule not in DROPOUT_SCHEDULES:
+            raise ConfigError(f"layerskip.dropout_schedule must be one of {DROPOUT_SCHEDULES}, "
+                             f"got '{self.dropout_schedule}'")
+        if self.curriculum not in LAYERSKIP_CURRICULA:
+            raise ConfigError(f"layerskip.curriculum must be one of {LAYERSKIP_CURRICULA}, got '{self.curriculum}'")
+        if self.rotation < 1:
+            raise ConfigError(f"layerskip.rotation must be >= 1, got {self.rotation}")
+        if self.e_scale < 0:
+            raise ConfigError(f"layerskip.e_scale must be >= 0, got {self.e_scale}")
+
+    @property
+    def dropout(self) -> bool:
+        return self.dropout_max > 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.dropout or self.exit_loss
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -135,6 +171,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     mesh: MeshSection = MeshSection()
     run: RunSection = RunSection()
+    layerskip: LayerSkipSection = LayerSkipSection()
     init_from: str | None = None  # HF folder, .gguf file or run folder (uses its tokenizer)
 
     def replace(self, **flat: Any) -> "TrainConfig":
@@ -294,7 +331,9 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Flat `section.key -> value` from a YAML file. A top-level `base: PRESET` loads that preset
+    first and lets this file change only what differs."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -304,7 +343,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse {path}: {err}") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    return flatten(raw)
+    base = raw.pop("base", None)
+    if base is None:
+        return flatten(raw)
+    if base in _seen:
+        raise ConfigError(f"presets inherit from each other in a loop: {' -> '.join(_seen + (base,))}")
+    return {**read_yaml(preset_path(base), _seen + (str(base),)), **flatten(raw)}
 
 
 def preset_names() -> list[str]:

@@ -19,46 +19,15 @@ zero weight are skipped by `lax.cond`: `[exits, batch, seq, vocab]` logits never
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxmodels.config import LlamaConfig
-from jaxmodels.model import Params, exit_logits
-
-CURRICULA = ("none", "rotational", "gradual")
-DROPOUT_SCHEDULES = ("constant", "exp")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LayerSkipConfig:
-    """LayerSkip knobs (all off by default)."""
-
-    dropout_max: float = 0.0  # p_max; 0 disables layer dropout
-    dropout_schedule: str = "constant"  # S(t): 'constant' (continual) or 'exp' (from scratch)
-    exit_loss: bool = False  # the early-exit loss through the shared exit
-    e_scale: float = 1.0  # weight scale of the non-final exits
-    curriculum: str = "none"  # which exits are in the loss at step t: none | rotational | gradual
-    rotation: int = 4  # R of the rotational curriculum
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.dropout_max <= 1.0:
-            raise ValueError(f"layerskip.dropout_max must be in [0, 1], got {self.dropout_max}")
-        if self.dropout_schedule not in DROPOUT_SCHEDULES:
-            raise ValueError(f"layerskip.dropout_schedule must be one of {DROPOUT_SCHEDULES}, "
-                             f"got '{self.dropout_schedule}'")
-        if self.curriculum not in CURRICULA:
-            raise ValueError(f"layerskip.curriculum must be one of {CURRICULA}, got '{self.curriculum}'")
-        if self.rotation < 1:
-            raise ValueError(f"layerskip.rotation must be >= 1, got {self.rotation}")
-        if self.e_scale < 0:
-            raise ValueError(f"layerskip.e_scale must be >= 0, got {self.e_scale}")
-
-    @property
-    def dropout(self) -> bool:
-        return self.dropout_max > 0.0
-
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from training.config import LayerSkipSection
+from training.step import cast_params, token_cross_entropy
 
 def _progress(step: jax.Array, total_steps: int) -> jax.Array:
     return jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1), 0.0, 1.0)
@@ -101,30 +70,55 @@ def exit_weights(num_layers: int, step: jax.Array, total_steps: int, e_scale: fl
     return w / jnp.sum(w)
 
 
-def token_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean next-token CE over positions where mask is set. logits [B, T, V]; targets, mask [B, T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def early_exit_loss(params: Params, config: LlamaConfig, hidden: jax.Array, targets: jax.Array,
-                    mask: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+                    weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """J = sum_l weights[l] * CE(exit_logits(hidden[l]), targets), one exit at a time.
 
-    hidden [L, B, T, D] (state after each layer); returns (J, per-exit CE [L], 0 where unweighted).
+    hidden [L, B, T, D] (state after each layer), targets [B, T]. Returns (J, per-exit mean CE [L],
+    per-exit accuracy [L]); both 0 for exits with zero weight, which are not computed.
     """
     @jax.checkpoint
     def one_exit(h):
-        return token_cross_entropy(exit_logits(params, config, h), targets, mask)
+        ce, correct = token_cross_entropy(exit_logits(params, config, h), targets)
+        return ce.mean(), correct.mean()
 
     def body(total, xs):
         h, w = xs
-        ce = jax.lax.cond(w > 0, one_exit, lambda h: jnp.zeros((), jnp.float32), h)
-        return total + w * ce, ce
+        zero = jnp.zeros((), jnp.float32)
+        ce, acc = jax.lax.cond(w > 0, one_exit, lambda h: (zero, zero), h)
+        return total + w * ce, (ce, acc)
 
-    total, per_exit = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights))
-    return total, per_exit
+    total, (per_exit, accuracy) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights))
+    return total, per_exit, accuracy
+
+
+def make_loss(config: LlamaConfig, ls: LayerSkipSection, total_steps: int,
+              compute_dtype: jnp.dtype = jnp.float32, remat: bool = False) -> Callable:
+    """The LayerSkip training loss `(params, batch, rng, step) -> (loss, aux)` for `build_steps`.
+
+    Layer dropout draws one skip mask per micro-batch from `rng`; the early-exit loss replaces the
+    plain next-token loss (its final exit is that loss, weighted). aux: accuracy of the final exit.
+    """
+    L = config.num_hidden_layers
+
+    def loss_fn(params, batch, rng, step):
+        p = cast_params(params, compute_dtype)
+        inputs, targets = batch["inputs"], batch["targets"]
+        positions = jnp.broadcast_to(jnp.arange(inputs.shape[1])[None], inputs.shape)
+        skip = None
+        if ls.dropout:
+            probs = dropout_probabilities(L, step, total_steps, ls.dropout_max, ls.dropout_schedule)
+            skip = sample_skip_mask(rng, probs)
+        h, _, hidden = run_layers(p, config, embed_tokens(p, inputs), positions, remat=remat,
+                                  skip=skip, collect_hidden=ls.exit_loss)
+        if not ls.exit_loss:
+            ce, correct = token_cross_entropy(exit_logits(p, config, h), targets)
+            return ce.mean(), {"accuracy": correct.mean()}
+        weights = exit_weights(L, step, total_steps, ls.e_scale, ls.curriculum, ls.rotation)
+        loss, per_exit, accuracy = early_exit_loss(p, config, hidden, targets, weights)
+        return loss, {"accuracy": accuracy[-1], "final_loss": per_exit[-1]}
+
+    return loss_fn
 
 
 def exit_eval_sums(params: Params, config: LlamaConfig, inputs: jax.Array, targets: jax.Array,
@@ -132,7 +126,6 @@ def exit_eval_sums(params: Params, config: LlamaConfig, inputs: jax.Array, targe
     """Per-exit held-out sums for exits 1..L: CE `loss` [L], `agree` [L] (top-1 equal to the final
     exit's), `correct` [L] (top-1 equal to the target), and `tokens`. inputs/targets [B, T],
     weights [B] (0 for padding rows). One exit's logits exist at a time."""
-    from jaxmodels.model import embed_tokens, run_layers
     b, t = inputs.shape
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
     h, _, hidden = run_layers(params, config, embed_tokens(params, inputs), positions, collect_hidden=True)
@@ -140,10 +133,46 @@ def exit_eval_sums(params: Params, config: LlamaConfig, inputs: jax.Array, targe
     w = jnp.broadcast_to(weights[:, None], (b, t)).astype(jnp.float32)
 
     def one_exit(h_l):
-        logits = exit_logits(params, config, h_l).astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        top1 = jnp.argmax(logits, -1)
-        return ((nll * w).sum(), ((top1 == final) * w).sum(), ((top1 == targets) * w).sum())
+        logits = exit_logits(params, config, h_l)
+        nll, correct = token_cross_entropy(logits, targets)
+        agree = jnp.argmax(logits, -1) == final
+        return (nll * w).sum(), (agree * w).sum(), (correct * w).sum()
 
     loss, agree, correct = jax.lax.map(one_exit, hidden)
     return {"loss": loss, "agree": agree, "correct": correct, "tokens": w.sum()}
+
+
+def evaluate_exits(exit_eval_step, params: Params, batches) -> dict[str, list[float]]:
+    """Per-exit held-out loss, agreement with the final exit and accuracy over (batch) dicts."""
+    total = None
+    for batch in batches:
+        sums = jax.device_get(exit_eval_step(params, batch))
+        total = sums if total is None else jax.tree_util.tree_map(lambda a, b: a + b, total, sums)
+    n = max(float(total["tokens"]), 1.0)
+    return {"exit_loss": [round(float(x) / n, 4) for x in total["loss"]],
+            "exit_agreement": [round(float(x) / n, 4) for x in total["agree"]],
+            "exit_accuracy": [round(float(x) / n, 4) for x in total["correct"]]}
+
+
+def decode_report(params: Params, config: LlamaConfig, calibration: list[list[int]],
+                  prompts: list[list[int]], new_tokens: int = 96) -> dict:
+    """Plain greedy vs self-speculative decoding (E, d chosen by calibration) on held-out prompts:
+    tokens/s at batch 1 and at batch len(prompts), acceptance, and whether the tokens are identical."""
+    from inference import generate
+    from inference.calibrate import choose_exit_and_draft
+    from jaxmodels.model import unstack_layers
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    choice = choose_exit_and_draft(params, config, calibration)
+    spec = choice.spec(adaptive=True)
+    report = {"exit_layer": choice.exit_layer, "draft_len": choice.draft_len,
+              "modeled_speedup": round(choice.expected_speedup, 3)}
+    for name, batch in (("batch1", prompts[:1]), (f"batch{len(prompts)}", prompts)):
+        run = lambda **kw: generate(params, config, batch, new_tokens, eos_token_ids=(), **kw)  # noqa: E731
+        run(), run(speculative=spec)  # compile both programs first
+        plain, fast = run(), run(speculative=spec)
+        report[name] = {"plain_tokens_per_second": round(plain.tokens_per_second, 1),
+                        "self_speculative_tokens_per_second": round(fast.tokens_per_second, 1),
+                        "speedup": round(fast.tokens_per_second / plain.tokens_per_second, 3),
+                        "acceptance_rate": round(fast.acceptance_rate, 3),
+                        "identical": fast.tokens == plain.tokens}
+    return report

@@ -10,8 +10,9 @@ state stay fp32 (master weights); with `compute_dtype=bfloat16` the loss casts a
 parameters inside the differentiated function, so the forward and backward run in bf16 and the
 gradients arrive in fp32.
 
-`loss_fn` is separate so later features (early-exit loss, layer dropout) can replace it: anything
-with the signature `(params, batch, rng) -> (loss, aux)` plugs into `make_train_step`.
+`loss_fn` is separate so features can replace it: anything with the signature
+`(params, batch, rng, step) -> (loss, aux)` plugs into `make_train_step` (LayerSkip's layer dropout
+and early-exit loss do, see `training.layerskip.make_loss`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from training.config import OptimizerSection, ScheduleSection
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-LossFn = Callable[[Params, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[[Params, Batch, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -54,14 +55,16 @@ def model_logits(params: Params, config: LlamaConfig, inputs: jax.Array, remat: 
     return exit_logits(params, config, h)
 
 
-def next_token_loss(params: Params, config: LlamaConfig, batch: Batch, rng: jax.Array, *,
+def next_token_loss(params: Params, config: LlamaConfig, batch: Batch, rng: jax.Array,
+                    step: jax.Array | None = None, *,
                     compute_dtype: jnp.dtype = jnp.float32, remat: bool = False
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy of one micro-batch (inputs/targets [b, T]); aux: accuracy.
 
-    `rng` is unused here; it is part of the signature for stochastic losses (layer dropout).
+    `rng` and `step` are unused here; they are part of the signature for stochastic and scheduled
+    losses (layer dropout, early-exit curricula).
     """
-    del rng
+    del rng, step
     logits = model_logits(cast_params(params, compute_dtype), config, batch["inputs"], remat)
     ce, correct = token_cross_entropy(logits, batch["targets"])
     return ce.mean(), {"accuracy": correct.mean()}
@@ -126,13 +129,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         def micro(carry, xs):
             grads, loss_sum, acc_sum = carry
             mb, i = xs
-            (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+            (loss, aux), g = grad_fn(params, mb, jax.random.fold_in(rng, i), step)
             grads = jax.tree_util.tree_map(jnp.add, grads, g)
             return (grads, loss_sum + loss, acc_sum + aux["accuracy"]), None
 
         if num_micro == 1:  # no accumulation buffers: one less pass over parameter-sized memory
             first = jax.tree_util.tree_map(lambda x: x[0], batch)
-            (loss_sum, aux), grads = grad_fn(params, first, jax.random.fold_in(rng, 0))
+            (loss_sum, aux), grads = grad_fn(params, first, jax.random.fold_in(rng, 0), step)
             acc_sum = aux["accuracy"]
         else:
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -166,13 +169,14 @@ def make_eval_step(config: LlamaConfig, compute_dtype: jnp.dtype = jnp.float32) 
 
 
 def build_steps(config: LlamaConfig, opt: OptimizerSection, sched: ScheduleSection, total_steps: int,
-                compute_dtype: str = "float32", remat: bool = False) -> StepFns:
-    """The default recipe: next-token loss, AdamW + warm-up/cosine, gradient accumulation."""
+                compute_dtype: str = "float32", remat: bool = False, loss_fn: LossFn | None = None
+                ) -> StepFns:
+    """The default recipe: next-token loss (or `loss_fn`), AdamW + warm-up/cosine, accumulation."""
     dtype = jnp.dtype(compute_dtype)
     schedule = learning_rate_schedule(opt, sched, total_steps)
     optimizer = make_optimizer(opt, sched, total_steps)
-
-    def loss_fn(params, batch, rng):
-        return next_token_loss(params, config, batch, rng, compute_dtype=dtype, remat=remat)
+    if loss_fn is None:
+        def loss_fn(params, batch, rng, step):
+            return next_token_loss(params, config, batch, rng, step, compute_dtype=dtype, remat=remat)
 
     return StepFns(make_train_step(loss_fn, optimizer, schedule), make_eval_step(config, dtype), optimizer)

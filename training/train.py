@@ -38,6 +38,7 @@ from training.config import ConfigError, TrainConfig, dump_yaml, load_config, pr
 from training.corpus import DataError
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.metrics import MetricsLog, Progress
+from training import layerskip
 from training.step import StepFns, build_steps
 
 
@@ -71,13 +72,19 @@ def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
     return config, params, tok
 
 
+def heldout_batches(data: DataSet, batch_size: int, max_batches: int, shardings: dict):
+    """Held-out {inputs, targets, weights} batches, placed with their shardings."""
+    for blocks, weights in data.heldout_batches(batch_size, max_batches):
+        batch = {"inputs": blocks[:, :-1], "targets": blocks[:, 1:], "weights": weights}
+        yield parallel.put(batch, shardings)
+
+
 def evaluate(eval_step, params: Params, data: DataSet, batch_size: int, max_batches: int,
              shardings: dict) -> dict[str, float]:
     """Held-out loss (mean per token), perplexity and next-token accuracy."""
     total = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
-    for blocks, weights in data.heldout_batches(batch_size, max_batches):
-        batch = {"inputs": blocks[:, :-1], "targets": blocks[:, 1:], "weights": weights}
-        sums = jax.device_get(eval_step(params, parallel.put(batch, shardings)))
+    for batch in heldout_batches(data, batch_size, max_batches, shardings):
+        sums = jax.device_get(eval_step(params, batch))
         for k in total:
             total[k] += float(sums[k])
     loss = total["loss"] / max(total["tokens"], 1.0)
@@ -89,7 +96,7 @@ def generate_sample(params: Params, config: LlamaConfig, tok: Tokenizer, prompt:
                     temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str | None:
     """A continuation of `prompt` through `inference.generate` (None if it is unavailable)."""
     try:
-        from inference.generate import generate
+        from inference.engine import generate
     except ImportError as err:
         print(f"no sample: inference.generate is unavailable ({err})")
         return None
@@ -124,6 +131,9 @@ def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: Da
     log.write({"split": "heldout", "step": run.steps, "final": True, **ev})
     log.echo(f"held-out: loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}, accuracy "
              f"{ev['accuracy']:.4f} over {ev['tokens']:,} tokens")
+    if "exit_agreement" in ev:
+        log.echo("per exit (layer 1..L): held-out loss " + " ".join(f"{x:.2f}" for x in ev["exit_loss"])
+                 + "; top-1 agreement with the last layer " + " ".join(f"{x:.2f}" for x in ev["exit_agreement"]))
     host_params = jax.device_get(params)
     save_hf_checkpoint(run_dir / "model", model_config, host_params)
     data.tokenizer.save(run_dir / "model")
@@ -134,7 +144,23 @@ def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: Da
         if sample is not None:
             (run_dir / "sample.txt").write_text(sample)
             log.echo("sample:\n" + sample)
+    if cfg.layerskip.enabled and run.decode_report:
+        ev["decode"] = report_decoding(host_params, model_config, data, log)
     return ev
+
+
+def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: MetricsLog) -> dict:
+    """Plain vs self-speculative greedy decoding on held-out code (E and d from calibration)."""
+    blocks = [b for b, _ in data.heldout_batches(8, 1)][0]
+    calibration, prompts = [list(map(int, b)) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
+    report = layerskip.decode_report(params, config, calibration, prompts)
+    log.write({"split": "decode", **report})
+    for name in ("batch1", "batch4"):
+        r = report[name]
+        log.echo(f"decoding held-out code, {name}: plain {r['plain_tokens_per_second']} tok/s, self-speculative "
+                 f"(E={report['exit_layer']}, d<={report['draft_len']}) {r['self_speculative_tokens_per_second']} "
+                 f"tok/s = {r['speedup']}x, acceptance {r['acceptance_rate']}, identical tokens: {r['identical']}")
+    return report
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None) -> dict[str, Any]:
@@ -164,7 +190,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     mesh = parallel.make_mesh(cfg.mesh, devices)
     micro = run.batch_size // opt.grad_accum
     parallel.check_batch(mesh, micro)
-    fns = build_steps(model_config, opt, cfg.schedule, run.steps, cfg.model.compute_dtype, cfg.model.remat)
+    loss_fn = None
+    if cfg.layerskip.enabled:
+        loss_fn = layerskip.make_loss(model_config, cfg.layerskip, run.steps,
+                                      jnp.dtype(cfg.model.compute_dtype), cfg.model.remat)
+    fns = build_steps(model_config, opt, cfg.schedule, run.steps, cfg.model.compute_dtype, cfg.model.remat,
+                      loss_fn)
     state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported)
     start, position = 0, DataPosition()
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -192,6 +223,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     eval_step = parallel.jit_eval_step(fns.eval_step, mesh, param_sh)
     eval_sh = parallel.eval_batch_shardings(mesh)
     eval_fn = lambda p, n: evaluate(eval_step, p, data, micro, n, eval_sh)  # noqa: E731
+    if cfg.layerskip.enabled:  # held-out loss and agreement with the last layer at every exit
+        exit_step = parallel.jit_eval_step(
+            lambda p, b: layerskip.exit_eval_sums(p, model_config, b["inputs"], b["targets"], b["weights"]),
+            mesh, param_sh)
+        plain_eval = eval_fn
+        eval_fn = lambda p, n: {**plain_eval(p, n), **layerskip.evaluate_exits(  # noqa: E731
+            exit_step, p, heldout_batches(data, micro, n, eval_sh))}
 
     # ---- the loop
     progress = Progress(run.steps, start, run.batch_size * run.seq_len, enabled=run.progress)
