@@ -35,7 +35,11 @@ class SpecChoice:
     agreement: tuple[float, ...]  # alpha_E for E = 1 .. L-1
 
     def spec(self, adaptive: bool = True) -> SpecConfig:
-        return SpecConfig(self.exit_layer, self.draft_len, adaptive)
+        """Fixed: d = the modeled best. Adaptive: start there, free to grow to 2x (at least 4)."""
+        if not adaptive:
+            return SpecConfig(self.exit_layer, self.draft_len, adaptive=False)
+        cap = min(max(2 * self.draft_len, 4), 16)
+        return SpecConfig(self.exit_layer, cap, adaptive=True, start_draft_len=self.draft_len)
 
 
 def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]]) -> np.ndarray:

@@ -16,6 +16,7 @@ model predicts no gain for this model, it says so and decodes plainly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -61,14 +62,15 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
     sample = tokenizer.encode(builtin_calibration_text(), add_special_tokens=False)
     sample = sample[: config.max_position_embeddings]
     choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample])
-    exit_layer = args.exit_layer or choice.exit_layer
-    draft_len = args.draft_len or choice.draft_len
     if args.exit_layer is None and choice.expected_speedup <= 1.0:
         print(f"note: early exits of this model agree too rarely with its last layer (best modeled "
               f"speed-up {choice.expected_speedup:.2f}x at E={choice.exit_layer}, d={choice.draft_len}); "
               f"decoding plainly. LayerSkip training fixes this.", file=sys.stderr)
         return None
-    return SpecConfig(exit_layer, draft_len, adaptive=args.draft_len is None)
+    if args.draft_len is not None:  # E from calibration, d given
+        return SpecConfig(choice.exit_layer, args.draft_len, adaptive=False)
+    auto = choice.spec(adaptive=True)
+    return dataclasses.replace(auto, exit_layer=args.exit_layer or auto.exit_layer)
 
 
 def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:

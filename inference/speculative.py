@@ -37,6 +37,7 @@ class SpecConfig:
     exit_layer: int  # E: draft with layers [0, E)
     draft_len: int  # d_max: the most tokens drafted per round
     adaptive: bool = True  # adapt the draft length to measured acceptance
+    start_draft_len: int | None = None  # adaptive: the first round's d (None: draft_len)
 
     def validate(self, config: LlamaConfig) -> None:
         if not 1 <= self.exit_layer < config.num_hidden_layers:
@@ -44,6 +45,9 @@ class SpecConfig:
                              f"{config.num_hidden_layers}-layer model, got {self.exit_layer}")
         if not 1 <= self.draft_len <= 32:
             raise ValueError(f"draft_len must be in [1, 32], got {self.draft_len}")
+        if self.start_draft_len is not None and not 1 <= self.start_draft_len <= self.draft_len:
+            raise ValueError(f"start_draft_len must be in [1, draft_len={self.draft_len}], "
+                             f"got {self.start_draft_len}")
 
 
 class SpecStats(NamedTuple):
@@ -190,7 +194,7 @@ def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: ja
 
     init = dict(cache=cache, pending=pending, out=jnp.full((b, out_len + d_max + 1), pad, jnp.int32),
                 count=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool), key=key,
-                d_cur=jnp.int32(d_max),
+                d_cur=jnp.int32(spec.start_draft_len or d_max),
                 stats=SpecStats(jnp.int32(0), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
                                 zeros_bs, zeros_bs, zeros_bs, zeros_bs))
     final = jax.lax.while_loop(cond, body, init)

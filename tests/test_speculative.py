@@ -105,3 +105,11 @@ def test_early_exit_decoding_is_greedy_on_the_exit_logits():
     assert out.tokens != PLAIN.tokens[:2]  # a different (lossy) model
     with pytest.raises(ValueError, match="early_exit must be in"):
         generate(PARAMS, CONFIG, PROMPTS, 4, early_exit=7)
+
+
+def test_adaptive_draft_length_can_start_low_and_stays_exact():
+    spec = SpecConfig(5, 8, adaptive=True, start_draft_len=2)
+    out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(), speculative=spec)
+    assert out.tokens == PLAIN.tokens
+    with pytest.raises(ValueError, match="start_draft_len must be in"):
+        generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(2, 3, start_draft_len=5))

@@ -1,0 +1,142 @@
+"""LayerSkip end to end: a LayerSkip-trained model against a baseline, then decoding speed.
+
+    python -m benchmarks.layerskip [--steps N] [--new-tokens 128] [--quick] [--no-append]
+    python -m benchmarks.layerskip --model smollm2 [...]   # ours vs transformers' assistant_early_exit
+
+Training: the `default` preset (LayerSkip from scratch) and the `baseline` preset (same model, data,
+steps and batch; no layer dropout, no early-exit loss), trained one after the other in this run.
+Quality: per-exit top-1 agreement with the last layer and held-out loss on the held-out stdlib
+modules. Decoding: prompts are held-out code (64 tokens each), greedy, EOS as an ordinary token;
+plain decoding against self-speculation over a sweep of exit layer E and draft length d
+(fixed d) and the automatic choice (calibrated on other held-out blocks, adaptive d), at batch 1
+and 8. tokens/s = generated tokens / wall time of the whole generate call, compilation excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.report import append_report, markdown_table
+from inference.calibrate import choose_exit_and_draft
+from inference.engine import generate
+from inference.speculative import SpecConfig
+from jaxmodels.convert import load_model
+from jaxmodels.model import unstack_layers
+from training.config import load_config
+from training.data import prepare_data
+from training.layerskip import exit_eval_sums
+from training.train import train
+
+
+def train_pair(steps: int | None, out: str) -> dict[str, dict]:
+    """Train baseline and LayerSkip with the same budget; returns {name: summary}."""
+    runs = {}
+    for name, preset in (("baseline", "baseline"), ("layerskip", "default")):
+        overrides = {"run.out_dir": f"{out}/{name}", "run.decode_report": False, "run.sample_tokens": 0,
+                     "checkpoint.enabled": False, "run.progress": False}
+        if steps:
+            overrides["run.steps"] = steps
+        cfg = load_config(preset, overrides=overrides)
+        runs[name] = {"summary": train(cfg), "dir": f"{out}/{name}", "cfg": cfg}
+    return runs
+
+
+def exit_quality(model_dir: str, cfg, batches: int = 16) -> dict[str, np.ndarray]:
+    """Per-exit held-out loss and agreement of an exported model."""
+    config, params, tok = load_model(model_dir)
+    data = prepare_data(cfg.data, cfg.run.seq_len, cfg.run.seed, tokenizer=tok)
+    step = jax.jit(lambda p, i, t, w: exit_eval_sums(p, config, i, t, w))
+    total = None
+    for blocks, weights in data.heldout_batches(8, batches):
+        sums = jax.device_get(step(params, blocks[:, :-1], blocks[:, 1:], weights))
+        total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
+    n = float(total["tokens"])
+    return {"loss": np.asarray(total["loss"]) / n, "agree": np.asarray(total["agree"]) / n}, data
+
+
+def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
+                 batch_sizes=(1, 8)) -> list[list]:
+    config, params, _ = load_model(model_dir)
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
+    prompts = [list(map(int, b[:64])) for b in blocks[:8]]
+    calibration = [list(map(int, b)) for b in blocks[8:]]
+    choice = choose_exit_and_draft(params, config, calibration)
+    rows = []
+    for b in batch_sizes:
+        batch = prompts[:b]
+        run = lambda spec=None: generate(params, config, batch, new_tokens, eos_token_ids=(),  # noqa: E731
+                                         speculative=spec)
+        run()
+        plain = max((run() for _ in range(2)), key=lambda r: r.tokens_per_second)
+        rows.append([b, "plain", "-", "-", round(plain.tokens_per_second, 1), 1.0, "-", "-"])
+        settings = [(f"E={e}, d={d}", SpecConfig(e, d, adaptive=False)) for e in exits for d in drafts]
+        settings.append((f"auto: E={choice.exit_layer}, d<={choice.draft_len}", choice.spec(adaptive=True)))
+        for name, spec in settings:
+            run(spec)  # compile
+            fast = max((run(spec) for _ in range(2)), key=lambda r: r.tokens_per_second)
+            rows.append([b, "self-speculative", name, round(fast.acceptance_rate, 3),
+                         round(fast.tokens_per_second, 1),
+                         round(fast.tokens_per_second / plain.tokens_per_second, 3),
+                         fast.tokens == plain.tokens, f"{choice.expected_speedup:.2f}" if "auto" in name else "-"])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def run_models(steps: int | None, new_tokens: int, out: str, quick: bool) -> str:
+    runs = train_pair(steps, out)
+    quality, data = {}, None
+    for name, r in runs.items():
+        quality[name], data = exit_quality(r["dir"] + "/model", r["cfg"])
+    L = len(quality["baseline"]["agree"])
+    quarter = max(L // 4, 1)
+    q_rows = [[f"exit {l + 1}", round(float(quality["baseline"]["agree"][l]), 3),
+               round(float(quality["layerskip"]["agree"][l]), 3),
+               round(float(quality["baseline"]["loss"][l]), 3), round(float(quality["layerskip"]["loss"][l]), 3)]
+              for l in range(L)]
+    ratio = quality["layerskip"]["agree"][quarter - 1] / max(quality["baseline"]["agree"][quarter - 1], 1e-9)
+    loss_gap = quality["layerskip"]["loss"][-1] / quality["baseline"]["loss"][-1] - 1
+    exits, drafts = ([1, 2], [2, 4]) if quick else ([1, 2, 3, 4], [2, 3, 4, 6])
+    d_rows = decode_sweep(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits, drafts)
+    secs = {n: r["summary"]["train_seconds"] for n, r in runs.items()}
+    body = (f"Training: {runs['layerskip']['cfg'].run.steps} steps each, baseline {secs['baseline']:.0f}s, "
+            f"LayerSkip {secs['layerskip']:.0f}s of training.\n\n"
+            + markdown_table(["exit", "baseline agreement", "LayerSkip agreement", "baseline held-out loss",
+                              "LayerSkip held-out loss"], q_rows)
+            + f"\n\nAgreement at a quarter of the depth (exit {quarter}): {ratio:.2f}x the baseline's. "
+              f"Final held-out loss: LayerSkip {100 * loss_gap:+.2f}% vs baseline.\n\n"
+            + markdown_table(["batch", "decoding", "setting", "acceptance", "tokens/s", "vs plain",
+                              "identical to plain", "modeled speed-up"], d_rows))
+    return body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, help="training steps for both runs (default: the preset's)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--out", default="runs/bench_layerskip")
+    parser.add_argument("--model", help="compare with transformers' assistant_early_exit on this model")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (nothing appended)")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    if args.model:
+        from benchmarks.layerskip_model import main as model_main
+        import sys
+        sys.argv = [sys.argv[0], "--model", args.model] + (["--quick"] if args.quick else []) + (
+            ["--no-append"] if args.no_append else [])
+        return model_main()
+    if args.quick:
+        args.steps, args.new_tokens = args.steps or 20, 16
+    body = run_models(args.steps, args.new_tokens, args.out, args.quick)
+    print(body)
+    if not (args.quick or args.no_append):
+        cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "")
+        append_report("LayerSkip: training quality and self-speculative decoding (CPU)", cmd, body)
+
+
+if __name__ == "__main__":
+    main()
