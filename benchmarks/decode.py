@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.report import append_report, markdown_table, measure_read_bandwidth
+from benchmarks.report import append_report, markdown_table, measure_read_bandwidth, median_seconds
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from jaxmodels.model import unstack_layers
@@ -37,16 +35,6 @@ PROMPTS = [
     "Here is a recipe for pancakes. Ingredients:",
     "for i in range(10):\n",
 ]
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile, for JAX)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dict]:
@@ -83,8 +71,8 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
     rows, results = [], {}
     for b in batch_sizes:
         batch = prompts[:b]
-        t_ours = _time(lambda: ours(batch), repeats)
-        t_hf = _time(lambda: theirs(batch), repeats)
+        t_ours = median_seconds(lambda: ours(batch), repeats)
+        t_hf = median_seconds(lambda: theirs(batch), repeats)
         res = ours(batch)
         same = sum(a == t for a, t in zip(res.tokens, theirs(batch)))
         steps_per_s = res.decode_tokens_per_second / b

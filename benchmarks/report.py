@@ -6,6 +6,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,19 +41,33 @@ def versions_line(packages=("jax", "jaxlib", "flax", "torch", "transformers")) -
     return ", ".join(parts)
 
 
+def _timings(fn, repeats: int) -> list[float]:
+    fn()  # warm-up (compiles on the JAX side)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls after one warm-up call."""
+    return statistics.median(_timings(fn, repeats))
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """Fastest wall time of fn() over `repeats` calls after one warm-up (for peak rates)."""
+    return min(_timings(fn, repeats))
+
+
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Best-of-N bytes/s of a jitted full reduction over a large float32 array (all cores)."""
     import jax
     import jax.numpy as jnp
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        total(x).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return nbytes / best_seconds(lambda: total(x).block_until_ready(), repeats)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

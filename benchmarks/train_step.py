@@ -19,16 +19,13 @@ the machine's peak, measured in the same run as the best fp32 matmul rate (N×N 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import append_report, markdown_table
+from benchmarks.report import append_report, best_seconds, markdown_table, median_seconds
 from jaxmodels.config import LlamaConfig
 from jaxmodels.model import init_params
 from training.config import OptimizerSection, ScheduleSection, load_config
@@ -61,23 +58,7 @@ def peak_flops(n: int = 4096, repeats: int = 5) -> float:
     """Best fp32 matmul FLOP/s on this machine (all cores), the MFU denominator."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        mm(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
-
-
-def _median_time(step: Callable[[], None], steps: int) -> float:
-    step()  # warm-up (compiles on the JAX side)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return 2.0 * n**3 / best_seconds(lambda: mm(a).block_until_ready(), repeats)
 
 
 def jax_step_time(config: LlamaConfig, tokens: np.ndarray, steps: int) -> float:
@@ -96,7 +77,7 @@ def jax_step_time(config: LlamaConfig, tokens: np.ndarray, steps: int) -> float:
         m["loss"].block_until_ready()
         state["i"] += 1
 
-    return _median_time(one, steps)
+    return median_seconds(one, steps)
 
 
 def torch_step_time(config: LlamaConfig, tokens: np.ndarray, steps: int) -> float:
@@ -122,7 +103,7 @@ def torch_step_time(config: LlamaConfig, tokens: np.ndarray, steps: int) -> floa
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return _median_time(one, steps)
+    return median_seconds(one, steps)
 
 
 def run(shapes: list[str], steps: int, quick: bool, with_torch: bool) -> str:

@@ -16,7 +16,7 @@ drafting/verification and pipeline stages all run this same code. `exit_logits` 
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp

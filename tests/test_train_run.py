@@ -9,7 +9,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
