@@ -32,8 +32,11 @@ from training.layerskip import exit_eval_sums
 from training.train import train
 
 
-def train_pair(steps: int | None, out: str) -> dict[str, dict]:
-    """Train baseline and LayerSkip with the same budget; returns {name: summary}."""
+def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, dict]:
+    """Train baseline and LayerSkip with the same budget; returns {name: summary}. With `reuse`,
+    finished runs in `out` (summary.json + model/) are taken as they are."""
+    import json
+    from pathlib import Path
     runs = {}
     for name, preset in (("baseline", "baseline"), ("layerskip", "default")):
         overrides = {"run.out_dir": f"{out}/{name}", "run.decode_report": False, "run.sample_tokens": 0,
@@ -41,7 +44,9 @@ def train_pair(steps: int | None, out: str) -> dict[str, dict]:
         if steps:
             overrides["run.steps"] = steps
         cfg = load_config(preset, overrides=overrides)
-        runs[name] = {"summary": train(cfg), "dir": f"{out}/{name}", "cfg": cfg}
+        done = Path(out, name, "summary.json")
+        summary = json.loads(done.read_text()) if reuse and done.is_file() else train(cfg)
+        runs[name] = {"summary": summary, "dir": f"{out}/{name}", "cfg": cfg}
     return runs
 
 
@@ -64,7 +69,7 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
     prompts = [list(map(int, b[:64])) for b in blocks[:8]]
-    calibration = [list(map(int, b)) for b in blocks[8:]]
+    calibration = [list(map(int, b[:64])) for b in blocks[8:12]]  # + the model's greedy continuation
     choice = choose_exit_and_draft(params, config, calibration)
     rows = []
     for b in batch_sizes:
@@ -87,8 +92,8 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
     return rows
 
 
-def run_models(steps: int | None, new_tokens: int, out: str, quick: bool) -> str:
-    runs = train_pair(steps, out)
+def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse: bool = False) -> str:
+    runs = train_pair(steps, out, reuse)
     quality, data = {}, None
     for name, r in runs.items():
         quality[name], data = exit_quality(r["dir"] + "/model", r["cfg"])
@@ -122,6 +127,7 @@ def main() -> None:
     parser.add_argument("--model", help="compare with transformers' assistant_early_exit on this model")
     parser.add_argument("--quick", action="store_true", help="short smoke run (nothing appended)")
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--reuse", action="store_true", help="take finished training runs in --out as they are")
     args = parser.parse_args()
     if args.model:
         from benchmarks.layerskip_model import main as model_main
@@ -131,10 +137,11 @@ def main() -> None:
         return model_main()
     if args.quick:
         args.steps, args.new_tokens = args.steps or 20, 16
-    body = run_models(args.steps, args.new_tokens, args.out, args.quick)
+    body = run_models(args.steps, args.new_tokens, args.out, args.quick, args.reuse)
     print(body)
     if not (args.quick or args.no_append):
-        cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "")
+        cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "") + (
+            " --reuse" if args.reuse else "")
         append_report("LayerSkip: training quality and self-speculative decoding (CPU)", cmd, body)
 
 

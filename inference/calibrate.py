@@ -87,9 +87,26 @@ def builtin_calibration_text(chars: int = 2000) -> str:
     return inspect.getsource(json.decoder)[:chars]
 
 
+def greedy_continuations(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int]],
+                         new_tokens: int = 48) -> list[list[int]]:
+    """Each prompt followed by the model's own greedy continuation.
+
+    Self-speculation drafts along the model's greedy output, where exit agreement can differ a lot
+    from agreement on natural text (measured on a LayerSkip model: 0.45 at exit 1 on held-out code,
+    under 0.01 along its greedy output), so calibration teacher-forces this text instead.
+    """
+    from inference.engine import generate
+    prompts = [list(p[: config.max_position_embeddings - new_tokens]) for p in prompts]
+    out = generate(params, config, prompts, new_tokens, eos_token_ids=())
+    return [p + t for p, t in zip(prompts, out.tokens)]
+
+
 def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
-                          max_draft: int = 12) -> SpecChoice:
-    """The (E, d) with the best modeled speed-up on these calibration sequences."""
+                          max_draft: int = 12, continue_greedy: int = 48) -> SpecChoice:
+    """The (E, d) with the best modeled speed-up on these calibration sequences (each extended by
+    `continue_greedy` tokens of the model's own greedy output; 0 to use them as they are)."""
+    if continue_greedy:
+        sequences = greedy_continuations(params, config, sequences, continue_greedy)
     alpha = exit_agreement(params, config, sequences)
     h, L = head_cost_in_layers(config), config.num_hidden_layers
     best = max(((expected_speedup(alpha[E - 1], E, d, L, h), E, d)

@@ -113,3 +113,26 @@ def test_adaptive_draft_length_can_start_low_and_stays_exact():
     assert out.tokens == PLAIN.tokens
     with pytest.raises(ValueError, match="start_draft_len must be in"):
         generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(2, 3, start_draft_len=5))
+
+
+@pytest.mark.parametrize("exit_layer, draft_len", [(1, 1), (3, 2), (5, 3), (4, 5)])
+def test_acceptance_equals_the_prediction_from_teacher_forced_exit_agreement(exit_layer, draft_len):
+    """Greedy drafts are determined by the exit's argmax along the final sequence, so the number
+    accepted per round can be predicted exactly; a drafting bug that still yields the right tokens
+    (a wrong position, a stale cache entry) would break this equality."""
+    from jaxmodels import embed_tokens, exit_logits, run_layers
+    prompt, n = PROMPTS[0], 30
+    seq = np.array(prompt + PLAIN.tokens[0])
+    h, _, _ = run_layers(PARAMS, CONFIG, embed_tokens(PARAMS, jnp.array([seq])),
+                         jnp.arange(len(seq))[None], stop=exit_layer)
+    early = np.asarray(jnp.argmax(exit_logits(PARAMS, CONFIG, h[0]), -1))  # early[j] drafts seq[j+1]
+    j, committed, accepted, rounds = len(prompt) - 1, 0, 0, 0
+    while committed < n:
+        a = 0
+        while a < draft_len and j + a + 1 < len(seq) and early[j + a] == seq[j + a + 1]:
+            a += 1
+        emit = min(a + 1, n - committed)
+        accepted, committed, j, rounds = accepted + min(a, emit), committed + emit, j + emit, rounds + 1
+    out = generate(PARAMS, CONFIG, [prompt], n, eos_token_ids=(),
+                   speculative=SpecConfig(exit_layer, draft_len, adaptive=False))
+    assert (out.accepted, out.rounds) == (accepted, rounds)

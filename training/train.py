@@ -152,7 +152,7 @@ def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: Da
 def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: MetricsLog) -> dict:
     """Plain vs self-speculative greedy decoding on held-out code (E and d from calibration)."""
     blocks = [b for b, _ in data.heldout_batches(8, 1)][0]
-    calibration, prompts = [list(map(int, b)) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
+    calibration, prompts = [list(map(int, b[:64])) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
     report = layerskip.decode_report(params, config, calibration, prompts)
     log.write({"split": "decode", **report})
     for name in ("batch1", "batch4"):
