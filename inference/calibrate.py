@@ -42,13 +42,15 @@ class SpecChoice:
         return SpecConfig(self.exit_layer, cap, adaptive=True, start_draft_len=self.draft_len)
 
 
-def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1."""
+def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
+                   starts: Sequence[int] | None = None) -> np.ndarray:
+    """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1,
+    counting positions >= starts[i] of sequence i (all positions when starts is None)."""
     width = max(len(s) for s in sequences)
     tokens = np.zeros((len(sequences), width), np.int32)
     valid = np.zeros((len(sequences), width), bool)
     for i, s in enumerate(sequences):
-        tokens[i, : len(s)], valid[i, : len(s)] = s, True
+        tokens[i, : len(s)], valid[i, starts[i] if starts else 0: len(s)] = s, True
 
     @jax.jit
     def agreement(params, tokens):
@@ -105,9 +107,12 @@ def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequen
                           max_draft: int = 12, continue_greedy: int = 48) -> SpecChoice:
     """The (E, d) with the best modeled speed-up on these calibration sequences (each extended by
     `continue_greedy` tokens of the model's own greedy output; 0 to use them as they are)."""
-    if continue_greedy:
+    starts = None
+    if continue_greedy:  # count only the greedy part: that is the text drafts are checked on
+        kept = config.max_position_embeddings - continue_greedy  # prompts are cut to this length
+        starts = [max(min(len(s), kept) - 1, 0) for s in sequences]  # predicts the 1st new token
         sequences = greedy_continuations(params, config, sequences, continue_greedy)
-    alpha = exit_agreement(params, config, sequences)
+    alpha = exit_agreement(params, config, sequences, starts)
     h, L = head_cost_in_layers(config), config.num_hidden_layers
     best = max(((expected_speedup(alpha[E - 1], E, d, L, h), E, d)
                 for E in range(1, L) for d in range(1, max_draft + 1)))

@@ -30,6 +30,10 @@ def test_exit_agreement_counts_argmax_matches_per_exit():
             matches, total = matches + int((a == b).sum()), total + len(s)
         assert alpha[E - 1] == matches / total
     assert alpha.shape == (5,)
+    suffix = exit_agreement(PARAMS, CONFIG, seqs, starts=[30, 0])  # positions 30.. of seq 0, all of seq 1
+    whole = exit_agreement(PARAMS, CONFIG, [seqs[0][:30]])
+    n_suffix, n_head = 7 + 5, 30
+    np.testing.assert_allclose(alpha * 42, suffix * n_suffix + whole * n_head, atol=1e-9)
 
 
 def test_cost_model_matches_its_formula_and_prefers_cheap_drafts_when_agreement_is_high():
