@@ -66,6 +66,25 @@ def _timed(fn: Callable[[], list], repeats: int) -> tuple[float, list]:
     return statistics.median(times), out
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used so far by all processes, by this one); None where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def _others_share(start: tuple[float, float] | None, wall: float) -> float:
+    """Share of the machine's CPU time that other processes used since `start`."""
+    end = _cpu_seconds()
+    if start is None or end is None:
+        return 0.0
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1])) / (wall * (os.cpu_count() or 1))
+
+
 def _fix_hf_draft_length(hf_model, draft_len: int) -> None:
     """Make transformers draft exactly `draft_len` tokens per round, like `adaptive=False` here.
 
@@ -85,12 +104,17 @@ def _same(a: list[list[int]], b: list[list[int]]) -> tuple[bool, str]:
     return hits == len(a), f"{hits}/{len(a)}"
 
 
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+
 def compare_with_transformers(model: str, exit_layers: list[int], draft_len: int, new_tokens: int,
                               repeats: int, prompts: list[str] | None = None) -> tuple[str, list[dict]]:
     """Markdown body (table + notes) and one raw dict per exit layer."""
     import torch
     import transformers
-    load = os.getloadavg()[0]  # torch's thread pool degrades badly when it shares the cores
+    cpu0, wall0 = _cpu_seconds(), time.perf_counter()
     config, params, tokenizer = load_model(model)
     if tokenizer is None:
         raise ValueError(f"{model} carries no tokenizer; the prompts are text")
@@ -154,11 +178,13 @@ def compare_with_transformers(model: str, exit_layers: list[int], draft_len: int
             f"Identity columns count prompts whose tokens match exactly. "
             f"This model is not LayerSkip-trained: its early exits rarely agree with the last layer, "
             f"so acceptance is low and both self-speculative decoders are expected to be slower than "
-            f"plain decoding here; the ours / transformers ratio compares the two implementations of "
-            f"the same algorithm, not a speed-up over plain decoding.")
-    if load > 0.5:
-        body += (f" WARNING: the 1-minute load average was {load:.1f} when this run started: other "
-                 f"processes shared the cores and these timings are not reliable.")
+            f"plain decoding here (measured: ours {_span([t[6] for t in table])}x of our plain speed, "
+            f"transformers {_span([t[7] for t in table])}x of theirs); the ours / transformers ratio "
+            f"compares two implementations of the same algorithm, not a speed-up over plain decoding.")
+    others = _others_share(cpu0, time.perf_counter() - wall0)
+    if others > 0.1:  # torch's thread pool slows down 10x and more when it shares the cores
+        body += (f" WARNING: other processes used {100 * others:.0f}% of the machine's CPU time during "
+                 f"this run: these timings are not reliable.")
     return body, rows
 
 
