@@ -120,9 +120,9 @@ def compare_with_transformers(model: str, exit_layers: list[int], draft_len: int
         raise ValueError(f"{model} carries no tokenizer; the prompts are text")
     texts = code_prompts() if prompts is None else prompts
     ids = [tokenizer.encode(t) for t in texts]
-    hf_dir = tempfile.mkdtemp(prefix="layerskip_hf_")
-    save_hf_checkpoint(hf_dir, config, params)
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="layerskip_hf_") as hf_dir:  # ~0.5 GB: do not leave it
+        save_hf_checkpoint(hf_dir, config, params)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     # EOS is an ordinary token on both sides (not masked, not stopping): every call makes exactly
     # new_tokens tokens (min_new_tokens would mask EOS and change transformers' greedy choice).
     hf_model.generation_config.eos_token_id = None
