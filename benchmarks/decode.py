@@ -43,9 +43,9 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config, params, tokenizer = load_model(smollm2_gguf_path())
     prompts = [tokenizer.encode(p) for p in PROMPTS]
-    hf_dir = tempfile.mkdtemp(prefix="smollm2_hf_")
-    save_hf_checkpoint(hf_dir, config, params)
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="smollm2_hf_") as hf_dir:  # 0.5 GB: never leave it behind
+        save_hf_checkpoint(hf_dir, config, params)
+        hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     # EOS is an ordinary token on both sides (not masked, not stopping): every row makes exactly
     # new_tokens tokens. (min_new_tokens would mask EOS and change transformers' greedy choice.)
     hf_model.generation_config.eos_token_id = None
