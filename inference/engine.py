@@ -123,24 +123,29 @@ def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Arra
     pad = eos_ids[0] if eos_ids else 0
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
+    def pick(logits, done, key, step, out, count):
+        token = jnp.where(done, pad, select_token(logits, key, sampling, temperature, top_p))
+        return token, out.at[:, step].set(token), count + (~done).astype(jnp.int32), done | jnp.isin(token, eos)
+
+    # Token i is picked from the logits of step i - 1; the loop runs a decode step and picks the
+    # next token, so the step after the last token is never run (a `lax.cond` around it made
+    # XLA:CPU copy every cache buffer twice per token).
+    key, sub = jax.random.split(key)
+    token, out, count, done = pick(logits, jnp.zeros((batch,), bool), sub, 0,
+                                   jnp.full((batch, out_len), pad, jnp.int32), jnp.zeros((batch,), jnp.int32))
+
     def cond(carry):
         step, _, _, _, done, _, _ = carry
         return (step < max_new) & ~jnp.all(done)
 
     def body(carry):
-        step, cache, logits, out, done, count, key = carry
+        step, cache, token, out, done, count, key = carry
         key, sub = jax.random.split(key)
-        token = jnp.where(done, pad, select_token(logits, sub, sampling, temperature, top_p))
-        out = out.at[:, step].set(token)
-        count = count + (~done).astype(jnp.int32)
-        done = done | jnp.isin(token, eos)
-        more = (step + 1 < max_new) & ~jnp.all(done)
-        cache, logits = jax.lax.cond(more, lambda: decode_step(params, config, token, cache, stop),
-                                     lambda: (cache, logits))
-        return step + 1, cache, logits, out, done, count, key
+        cache, logits = decode_step(params, config, token, cache, stop)
+        token, out, count, done = pick(logits, done, sub, step, out, count)
+        return step + 1, cache, token, out, done, count, key
 
-    init = (jnp.int32(0), cache, logits, jnp.full((batch, out_len), pad, jnp.int32),
-            jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32), key)
+    init = (jnp.int32(1), cache, token, out, done, count, key)
     _, _, _, out, _, count, _ = jax.lax.while_loop(cond, body, init)
     return out, count
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmodels.attention import gqa_attention
+from jaxmodels.attention import gqa_attention, merge_kv_heads
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.layers import apply_rope, rms_norm, rope_cos_sin, rope_inverse_frequencies, swiglu
@@ -90,18 +90,19 @@ def _qkv(lp: Params, config: LlamaConfig, h: jax.Array, cos: jax.Array, sin: jax
 
 
 def _write_rows(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new [B, KV, T, hd] into one layer's cache [B, KV, S, hd], row b at starts[b].
+    """Write new [B, KV, T, hd] into one layer's cache [B*KV, S, hd], row b at starts[b].
 
     One `dynamic_update_slice` per row (in place on a donated buffer); a vmapped update lowers to
     a scatter that is several times slower on CPU. Very large batches use the vmapped form to
     bound program size.
     """
+    b, kv, t, hd = new.shape
     new = new.astype(layer_cache.dtype)
-    if layer_cache.shape[0] > 32:
+    if b > 32:
         put = lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0))
-        return jax.vmap(put)(layer_cache, new, starts)
-    for b in range(layer_cache.shape[0]):
-        layer_cache = jax.lax.dynamic_update_slice(layer_cache, new[b:b + 1], (b, 0, starts[b], 0))
+        return jax.vmap(put)(layer_cache.reshape(b, kv, -1, hd), new, starts).reshape(b * kv, -1, hd)
+    for row in range(b):
+        layer_cache = jax.lax.dynamic_update_slice(layer_cache, new[row], (row * kv, starts[row], 0))
     return layer_cache
 
 
@@ -164,12 +165,12 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
         lp, k_layer, v_layer = xs
         q, k, v = _qkv(lp, config, h, cos, sin)
         if k_layer is None:  # training: the sequence attends to itself
-            keys, values, k_pos = k, v, positions
+            keys, values, k_pos = merge_kv_heads(k), merge_kv_heads(v), positions
         else:  # cached: write this chunk, then attend over the layer's buffer by position
             k_layer = _write_rows(k_layer, k, write_at)
             v_layer = _write_rows(v_layer, v, write_at)
             keys, values = k_layer.astype(k.dtype), v_layer.astype(v.dtype)
-            k_pos = jnp.arange(keys.shape[2])
+            k_pos = jnp.arange(keys.shape[1])
         out = gqa_attention(q, keys, values, positions, k_pos)  # [B, T, H, hd]
         h = h + out.reshape(h.shape[0], h.shape[1], -1) @ lp["wo"]
         h = _mlp_block(lp, config, h)
