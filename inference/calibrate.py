@@ -2,20 +2,24 @@
 
 One teacher-forced forward over calibration tokens gives, for every exit E, the rate alpha_E at
 which the early exit's argmax agrees with the final layer's (the greedy acceptance probability of
-one draft). The cost model (DESIGN.md section 4, memory-bound decoding) then scores every (E, d):
+one draft). Timing one decoder layer and the shared exit for n = 1, 2, ... tokens per row, at the
+batch size that will be decoded, gives the costs; the model (DESIGN.md section 4) then scores
+every (E, d):
 
     tokens per round  = (1 - alpha^(d+1)) / (1 - alpha)
-    cost per round    = d * (E + h) + E + (L - E) * verify(d) + h      [in layer passes]
-    speed-up          = tokens per round * (L + h) / cost per round
+    cost per round    = d * (E * layer(1) + head(1)) + E * layer(1) + (L - E) * layer(d+1) + head(d+1)
+    speed-up          = tokens per round * (L * layer(1) + head(1)) / cost per round
 
-where h is the LM head's cost in layer passes (weight bytes of the head / bytes of one layer) and
-verify(d) the relative cost of running d+1 tokens through a layer at once (1 when memory-bound).
+Measured, not counted: on a CPU a layer pass over d+1 tokens costs clearly more than over one (the
+byte-count model assumed equal), and more so at batch 8, where no (E, d) may pay at all. Then the
+choice is plain decoding.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from typing import Sequence
 
 import jax
@@ -24,22 +28,95 @@ import numpy as np
 
 from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
+from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCosts:
+    """Seconds of one decoder layer pass and of one shared-exit pass (norm + head + argmax) for
+    n = 1, 2, ... tokens per row: layer[n - 1], head[n - 1]."""
+    layer: tuple[float, ...]
+    head: tuple[float, ...]
+
+    def plain_token(self, num_layers: int) -> float:
+        return num_layers * self.layer[0] + self.head[0]
+
+    def spec_round(self, exit_layer: int, draft_len: int, num_layers: int) -> float:
+        E, d = exit_layer, draft_len
+        draft = d * (E * self.layer[0] + self.head[0]) + E * self.layer[0]  # + the last draft's [0, E)
+        return draft + (num_layers - E) * self.layer[d] + self.head[d]
+
+
+def memory_bound_costs(config: LlamaConfig, max_tokens: int) -> DecodeCosts:
+    """The byte-count model: a pass costs its weight bytes whatever the token count (the ideal
+    memory-bound regime); units of one layer."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    d, f = config.hidden_size, config.intermediate_size
+    head = config.vocab_size * d / (d * (2 * q + 2 * kv) + 3 * d * f)
+    return DecodeCosts(layer=(1.0,) * max_tokens, head=(head,) * max_tokens)
+
+
+def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, max_tokens: int,
+                         cache_len: int = 256, iters: int = 16, repeats: int = 3) -> DecodeCosts:
+    """Time layer 0 (over a half-full KV cache) and the shared exit for 1..max_tokens tokens per
+    row, `iters` passes inside one compiled loop (no dispatch in the numbers), best of `repeats`.
+    Token counts between the measured ones (1, 2, 3, 4, 6, 8, 12, ...) are interpolated."""
+    from jaxmodels.model import unstack_layers
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    measured = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n < max_tokens} | {max_tokens})
+    dim, start = config.hidden_size, cache_len // 2
+
+    def timed(fn, *args) -> float:
+        fn(*args)[0].block_until_ready()  # compile and warm up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn(*args)[0].block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        return best / iters
+
+    layer, head = [], []
+    for n in measured:
+        h = jax.random.normal(jax.random.key(n), (batch_size, n, dim), params["embed"].dtype)
+        positions = jnp.broadcast_to(start + jnp.arange(n), (batch_size, n))
+        cache = KVCache.create(config, batch_size, cache_len, params["embed"].dtype)
+
+        @jax.jit
+        def layer_loop(params, h, cache):
+            def body(_, carry):
+                out, cache, _ = run_layers(params, config, carry[0], positions, carry[1], start=0, stop=1)
+                return out, cache
+            return jax.lax.fori_loop(0, iters, body, (h, cache))
+
+        @jax.jit
+        def head_loop(params, h):
+            def body(_, h):  # the argmax feeds the next pass so no pass can be skipped
+                token = jnp.argmax(exit_logits(params, config, h), -1)
+                return h + (token[..., None] == 0).astype(h.dtype)
+            return (jax.lax.fori_loop(0, iters, body, h),)
+
+        layer.append(timed(layer_loop, params, h, cache))
+        head.append(timed(head_loop, params, h))
+    grid = np.arange(1, max_tokens + 1)
+    return DecodeCosts(layer=tuple(np.interp(grid, measured, layer)), head=tuple(np.interp(grid, measured, head)))
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecChoice:
     exit_layer: int
     draft_len: int
-    expected_speedup: float
+    expected_speedup: float  # over plain decoding (modeled, or timed when `measured`); <= 1: plain
     agreement: tuple[float, ...]  # alpha_E for E = 1 .. L-1
+    measured: bool = False
 
-    def spec(self, adaptive: bool = True) -> SpecConfig:
-        """Fixed: d = the modeled best. Adaptive: start there, free to grow to 2x (at least 4)."""
-        if not adaptive:
-            return SpecConfig(self.exit_layer, self.draft_len, adaptive=False)
-        cap = min(max(2 * self.draft_len, 4), 16)
-        return SpecConfig(self.exit_layer, cap, adaptive=True, start_draft_len=self.draft_len)
+    def spec(self, adaptive: bool = True) -> SpecConfig | None:
+        """None when plain decoding is modeled faster. Adaptive: start at the modeled best d and
+        shrink it while acceptance is low (the verify pass keeps d + 1 positions, so growing past
+        d would make every verify dearer)."""
+        if self.expected_speedup <= 1.0:
+            return None
+        return SpecConfig(self.exit_layer, self.draft_len, adaptive=adaptive)
 
 
 def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
@@ -66,21 +143,11 @@ def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequ
 
 
 def expected_speedup(alpha: float, exit_layer: int, draft_len: int, num_layers: int,
-                     head_cost: float, verify_cost: float = 1.0) -> float:
-    """The cost model above for one (E, d)."""
-    d, E, L = draft_len, exit_layer, num_layers
+                     costs: DecodeCosts) -> float:
+    """The model above for one (E, d)."""
     alpha = min(alpha, 0.999999)
-    tokens = (1 - alpha ** (d + 1)) / (1 - alpha)
-    cost = d * (E + head_cost) + E + (L - E) * verify_cost + head_cost
-    return tokens * (L + head_cost) / cost
-
-
-def head_cost_in_layers(config: LlamaConfig) -> float:
-    """Bytes of the LM head over bytes of one layer's weights (both read once per pass)."""
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    d, f = config.hidden_size, config.intermediate_size
-    layer = d * (2 * q + 2 * kv) + 3 * d * f
-    return config.vocab_size * d / layer
+    tokens = (1 - alpha ** (draft_len + 1)) / (1 - alpha)
+    return tokens * costs.plain_token(num_layers) / costs.spec_round(exit_layer, draft_len, num_layers)
 
 
 def builtin_calibration_text(chars: int = 2000) -> str:
@@ -103,18 +170,52 @@ def greedy_continuations(params: Params, config: LlamaConfig, prompts: Sequence[
     return [p + t for p, t in zip(prompts, out.tokens)]
 
 
+def time_settings(params: Params, config: LlamaConfig, batches: Sequence[Sequence[Sequence[int]]],
+                  settings: Sequence[SpecConfig | None], new_tokens: int = 32, repeats: int = 2) -> list[float]:
+    """Greedy tokens/s of each setting (None: plain) over these prompt batches (all tokens over all
+    wall time, compilation excluded, best of `repeats`): the ground truth the model approximates."""
+    from inference.engine import generate
+    speeds = []
+    for spec in settings:
+        runs = lambda: [generate(params, config, batch, new_tokens, eos_token_ids=(),  # noqa: E731
+                                 speculative=spec) for batch in batches]
+        runs()  # compile
+        speeds.append(max(sum(r.num_generated for r in rs) / sum(r.prefill_seconds + r.decode_seconds for r in rs)
+                          for rs in (runs() for _ in range(repeats))))
+    return speeds
+
+
 def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
-                          max_draft: int = 12, continue_greedy: int = 48) -> SpecChoice:
+                          max_draft: int = 8, continue_greedy: int = 48, batch_size: int = 1,
+                          trials: int = 0, costs: DecodeCosts | None = None) -> SpecChoice:
     """The (E, d) with the best modeled speed-up on these calibration sequences (each extended by
-    `continue_greedy` tokens of the model's own greedy output; 0 to use them as they are)."""
+    `continue_greedy` tokens of the model's own greedy output; 0 to use them as they are), with
+    costs measured at `batch_size` unless given.
+
+    With `trials` > 0, the model's best `trials` settings and plain decoding are then timed on the
+    calibration prompts (batch_size rows), and the fastest wins: the model misses per-round loop
+    overheads and varies with the machine, timing does not (one compilation per trial).
+    """
+    prompts = [list(s) for s in sequences]
     starts = None
     if continue_greedy:  # count only the greedy part: that is the text drafts are checked on
         kept = config.max_position_embeddings - continue_greedy  # prompts are cut to this length
         starts = [max(min(len(s), kept) - 1, 0) for s in sequences]  # predicts the 1st new token
         sequences = greedy_continuations(params, config, sequences, continue_greedy)
     alpha = exit_agreement(params, config, sequences, starts)
-    h, L = head_cost_in_layers(config), config.num_hidden_layers
-    best = max(((expected_speedup(alpha[E - 1], E, d, L, h), E, d)
-                for E in range(1, L) for d in range(1, max_draft + 1)))
-    return SpecChoice(exit_layer=best[1], draft_len=best[2], expected_speedup=best[0],
-                      agreement=tuple(float(a) for a in alpha))
+    if costs is None:
+        costs = measure_decode_costs(params, config, batch_size, max_draft + 1)
+    L = config.num_hidden_layers
+    ranked = sorted(((expected_speedup(alpha[E - 1], E, d, L, costs), E, d)
+                     for E in range(1, L) for d in range(1, max_draft + 1)), reverse=True)
+    speedup, E, d = ranked[0]
+    if trials:
+        groups = max(len(prompts) // batch_size, 1)  # every prompt used, each batch full
+        batches = [[prompts[(g * batch_size + i) % len(prompts)] for i in range(batch_size)] for g in range(groups)]
+        settings = [None] + [SpecConfig(e, k, adaptive=False) for _, e, k in ranked[:trials]]
+        speeds = time_settings(params, config, batches, settings)
+        best = 1 + int(np.argmax(speeds[1:]))  # the fastest self-speculation; plain wins if it is <= 1
+        speedup = speeds[best] / speeds[0]
+        E, d = settings[best].exit_layer, settings[best].draft_len
+    return SpecChoice(exit_layer=E, draft_len=d, expected_speedup=float(speedup),
+                      agreement=tuple(float(a) for a in alpha), measured=bool(trials))

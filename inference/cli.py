@@ -16,7 +16,6 @@ model predicts no gain for this model, it says so and decodes plainly.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -53,7 +52,8 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
     """The SpecConfig for this request, or None for plain decoding.
 
     Unset E / d come from calibrating on the prompt plus a fixed sample of standard-library source
-    (a prompt alone is often too short to measure agreement).
+    (a prompt alone is often too short to measure agreement) with the cost model on measured layer
+    and head timings (no trial decoding: that would compile one program per candidate).
     """
     if not args.self_speculative:
         return None
@@ -69,8 +69,7 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
         return None
     if args.draft_len is not None:  # E from calibration, d given
         return SpecConfig(choice.exit_layer, args.draft_len, adaptive=False)
-    auto = choice.spec(adaptive=True)
-    return dataclasses.replace(auto, exit_layer=args.exit_layer or auto.exit_layer)
+    return SpecConfig(args.exit_layer or choice.exit_layer, choice.draft_len, adaptive=True)
 
 
 def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:

@@ -38,6 +38,7 @@ class SpecConfig:
     draft_len: int  # d_max: the most tokens drafted per round
     adaptive: bool = True  # adapt the draft length to measured acceptance
     start_draft_len: int | None = None  # adaptive: the first round's d (None: draft_len)
+    count_visits: bool = False  # record per-position layer visits in SpecStats (tests; costs time)
 
     def validate(self, config: LlamaConfig) -> None:
         if not 1 <= self.exit_layer < config.num_hidden_layers:
@@ -54,7 +55,8 @@ class SpecStats(NamedTuple):
     rounds: jax.Array  # rounds run
     drafted: jax.Array  # [B] draft tokens proposed to each row while it was active
     accepted: jax.Array  # [B] draft tokens accepted
-    visits_early: jax.Array  # [B, S] times layers [0, E) processed each position
+    visits_early: jax.Array  # [B, S] times layers [0, E) processed each position ([B, 0] unless
+    #                          SpecConfig.count_visits; so are the three below)
     visits_deep: jax.Array  # [B, S] times layers [E, L) processed each position
     discarded_early: jax.Array  # [B, S] times an early-layer visit was rolled back
     discarded_deep: jax.Array  # [B, S] times a deep-layer visit was rolled back
@@ -145,9 +147,11 @@ def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: ja
     d_max, E, L = spec.draft_len, spec.exit_layer, config.num_hidden_layers
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     pad = eos_ids[0] if eos_ids else 0
-    zeros_bs = jnp.zeros((b, s), jnp.int32)
+    zeros_bs = jnp.zeros((b, s if spec.count_visits else 0), jnp.int32)
 
     def count_range(counter, start, n, active):  # counter[b, start_b : start_b + n] += active_b
+        if not spec.count_visits:
+            return counter
         hit = (jnp.arange(s)[None] >= start[:, None]) & (jnp.arange(s)[None] < (start + n)[:, None])
         return counter + (hit & active[:, None]).astype(jnp.int32)
 

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.calibrate import choose_exit_and_draft, exit_agreement, expected_speedup
+from inference.calibrate import (DecodeCosts, choose_exit_and_draft, exit_agreement, expected_speedup,
+                                measure_decode_costs, memory_bound_costs)
 from inference.cli import main
 from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
 from jaxmodels.testing import tiny_config
@@ -38,16 +39,42 @@ def test_exit_agreement_counts_argmax_matches_per_exit():
 
 def test_cost_model_matches_its_formula_and_prefers_cheap_drafts_when_agreement_is_high():
     # alpha = 0.8, E = 4, d = 5, L = 32, no head: (1 - .8^6)/.2 tokens over 5*4 + 4 + 28 passes
-    assert np.isclose(expected_speedup(0.8, 4, 5, 32, 0.0), (1 - 0.8 ** 6) / 0.2 * 32 / 52)
-    assert expected_speedup(0.0, 4, 5, 32, 1.0) < 1.0  # no agreement: pure overhead
-    assert expected_speedup(0.95, 4, 6, 32, 1.0) > 2.0
+    free_head = DecodeCosts(layer=(1.0,) * 8, head=(0.0,) * 8)
+    assert np.isclose(expected_speedup(0.8, 4, 5, 32, free_head), (1 - 0.8 ** 6) / 0.2 * 32 / 52)
+    head = DecodeCosts(layer=(1.0,) * 8, head=(1.0,) * 8)
+    assert expected_speedup(0.0, 4, 5, 32, head) < 1.0  # no agreement: pure overhead
+    assert expected_speedup(0.95, 4, 6, 32, head) > 2.0
+    # verify passes that cost more per token (compute-bound) make the same drafts pay less
+    compute_bound = DecodeCosts(layer=tuple(float(n) for n in range(1, 9)), head=(1.0,) * 8)
+    assert expected_speedup(0.95, 4, 6, 32, compute_bound) < 1.0
+    mb = memory_bound_costs(CONFIG, 4)
+    assert mb.layer == (1.0,) * 4 and mb.head[0] > 0
+
+
+def test_measured_costs_are_positive_and_a_layer_over_more_tokens_is_not_cheaper():
+    costs = measure_decode_costs(PARAMS, CONFIG, batch_size=2, max_tokens=5, cache_len=64, iters=4)
+    assert len(costs.layer) == len(costs.head) == 5 and min(costs.layer + costs.head) > 0
+    assert costs.layer[4] > 0.5 * costs.layer[0]  # generous: timings are noisy, ordering is not the point
 
 
 def test_choice_is_the_argmax_of_the_model_over_the_grid():
     seqs = [list(range(3, 60))]
-    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6)
+    costs = memory_bound_costs(CONFIG, 7)
+    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6, costs=costs)
     assert 1 <= choice.exit_layer < 6 and 1 <= choice.draft_len <= 6
-    assert len(choice.agreement) == 5
+    assert len(choice.agreement) == 5 and not choice.measured
+    best = max(expected_speedup(choice.agreement[E - 1], E, d, 6, costs) for E in range(1, 6) for d in range(1, 7))
+    assert np.isclose(choice.expected_speedup, best)
+    assert expected_speedup(choice.agreement[choice.exit_layer - 1], choice.exit_layer, choice.draft_len,
+                            6, costs) == best
+
+
+def test_timed_choice_reports_the_timed_speedup_of_a_tried_setting():
+    seqs = [list(range(3, 40)), list(range(50, 80))]
+    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=3, batch_size=2, trials=2,
+                                   costs=memory_bound_costs(CONFIG, 4), continue_greedy=8)
+    assert choice.measured and choice.expected_speedup > 0
+    assert (choice.spec() is None) == (choice.expected_speedup <= 1.0)
 
 
 def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys):

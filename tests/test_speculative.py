@@ -34,7 +34,8 @@ def test_eos_inside_a_draft_stops_the_row_where_plain_decoding_stops():
     assert plain.tokens[0][-1] == eos and len(plain.tokens[0]) == 10
 
 
-@pytest.mark.parametrize("spec", [SpecConfig(2, 5, False), SpecConfig(4, 3, True)])
+@pytest.mark.parametrize("spec", [SpecConfig(2, 5, False, count_visits=True),
+                                  SpecConfig(4, 3, True, count_visits=True)])
 def test_no_layer_processes_a_token_twice(spec):
     """Per position: every layer group processed it once plus once per rolled-back attempt."""
     out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(), speculative=spec)

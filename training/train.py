@@ -157,9 +157,10 @@ def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: Met
     log.write({"split": "decode", **report})
     for name in ("batch1", "batch4"):
         r = report[name]
+        note = " (calibration found plain decoding faster at this batch size)" if r["calibration_prefers_plain"] else ""
         log.echo(f"decoding held-out code, {name}: plain {r['plain_tokens_per_second']} tok/s, self-speculative "
-                 f"(E={report['exit_layer']}, d<={report['draft_len']}) {r['self_speculative_tokens_per_second']} "
-                 f"tok/s = {r['speedup']}x, acceptance {r['acceptance_rate']}, identical tokens: {r['identical']}")
+                 f"(E={r['exit_layer']}, d={r['draft_len']}) {r['self_speculative_tokens_per_second']} "
+                 f"tok/s = {r['speedup']}x, acceptance {r['acceptance_rate']}, identical tokens: {r['identical']}{note}")
     return report
 
 
