@@ -101,6 +101,40 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
     return rows
 
 
+def without_deep_layers(params, exit_layer: int):
+    """A copy whose layers [E, L) add nothing to the residual stream (attention output and MLP down
+    projections zeroed): the exit-E draft then always equals the verifier's token (acceptance 1)
+    while every layer still costs what it did. Timing it gives the decoding loop's ceiling."""
+    layers = tuple(dict(lp, wo=jnp.zeros_like(lp["wo"]), w_down=jnp.zeros_like(lp["w_down"])) if i >= exit_layer
+                   else lp for i, lp in enumerate(params["layers"]))
+    return {**params, "layers": layers}
+
+
+def acceptance_ceiling(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
+                       batch_sizes=(1, 8), repeats: int = 3) -> list[list]:
+    """Self-speculation speed-up when every draft is accepted, per (batch, E, d): what the loop and
+    this machine allow, whatever the model's agreement."""
+    config, params, _ = load_model(model_dir)
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
+    prompts = [list(map(int, b[:64])) for b in blocks[:8]]
+    rows = []
+    for b in batch_sizes:
+        for e in exits:
+            ceiling = without_deep_layers(params, e)
+            run = lambda spec=None: generate(ceiling, config, prompts[:b], new_tokens,  # noqa: E731
+                                             eos_token_ids=(), speculative=spec)
+            best = lambda spec=None: max(run(spec).tokens_per_second for _ in range(repeats))  # noqa: E731
+            run()
+            plain = best()
+            for d in drafts:
+                spec = SpecConfig(e, d, adaptive=False)
+                accepted = run(spec).acceptance_rate
+                rows.append([b, e, d, round(accepted, 3), round(best(spec) / plain, 3)])
+                print(rows[-1], flush=True)
+    return rows
+
+
 def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse: bool = False) -> str:
     runs = train_pair(steps, out, reuse)
     quality, data = {}, None
@@ -116,6 +150,7 @@ def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse:
     loss_gap = quality["layerskip"]["loss"][-1] / quality["baseline"]["loss"][-1] - 1
     exits, drafts = ([1, 2], [2, 4]) if quick else ([1, 2, 3, 4], [2, 3, 4, 6])
     d_rows = decode_sweep(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits, drafts)
+    c_rows = acceptance_ceiling(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits[1:], drafts)
     secs = {n: r["summary"]["train_seconds"] for n, r in runs.items()}
     body = (f"Training: {runs['layerskip']['cfg'].run.steps} steps each, baseline {secs['baseline']:.0f}s, "
             f"LayerSkip {secs['layerskip']:.0f}s of training.\n\n"
@@ -129,7 +164,12 @@ def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse:
               "used ('auto: plain' when no self-speculation beat plain there). The last column is that "
               "calibration-time speed-up.\n\n"
             + markdown_table(["batch", "decoding", "setting", "acceptance", "tokens/s", "vs plain",
-                              "identical to plain", "calibration speed-up"], d_rows))
+                              "identical to plain", "calibration speed-up"], d_rows)
+            + "\n\nCeiling: the same model with layers [E, L) made to add nothing (their attention-output "
+              "and MLP-down weights zeroed), so every draft is accepted while every layer costs what it "
+              "did; speed-up over plain decoding of that copy. No model can beat this row on this "
+              "machine with this decoding loop.\n\n"
+            + markdown_table(["batch", "E", "d", "acceptance", "speed-up at acceptance 1"], c_rows))
     return body
 
 
