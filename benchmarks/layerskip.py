@@ -64,7 +64,7 @@ def exit_quality(model_dir: str, cfg, batches: int = 16) -> dict[str, np.ndarray
 
 
 def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
-                 batch_sizes=(1, 8), repeats: int = 3) -> list[list]:
+                 batch_sizes=(1, 8), repeats: int = 3, draft_vocab: int | None = None) -> list[list]:
     config, params, _ = load_model(model_dir)
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
@@ -83,6 +83,9 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
         plain = best()
         rows.append([b, "plain", "-", "-", round(plain.tokens_per_second, 1), 1.0, "-", "-"])
         settings = [(f"E={e}, d={d}", SpecConfig(e, d, adaptive=False)) for e in exits for d in drafts]
+        if draft_vocab:  # the same points drafting over ids [0, K) only (E=1 never pays: skipped)
+            settings += [(f"E={e}, d={d}, K={draft_vocab}", SpecConfig(e, d, adaptive=False, draft_vocab=draft_vocab))
+                         for e in exits[1:] for d in drafts]
         settings.append((auto_name, auto))
         for name, spec in settings:
             run(spec)  # compile
@@ -111,7 +114,7 @@ def without_deep_layers(params, exit_layer: int):
 
 
 def acceptance_ceiling(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
-                       batch_sizes=(1, 8), repeats: int = 3) -> list[list]:
+                       batch_sizes=(1, 8), repeats: int = 3, draft_vocab: int | None = None) -> list[list]:
     """Self-speculation speed-up when every draft is accepted, per (batch, E, d): what the loop and
     this machine allow, whatever the model's agreement."""
     config, params, _ = load_model(model_dir)
@@ -128,14 +131,16 @@ def acceptance_ceiling(model_dir: str, data, new_tokens: int, exits: list[int], 
             run()
             plain = best()
             for d in drafts:
-                spec = SpecConfig(e, d, adaptive=False)
-                accepted = run(spec).acceptance_rate
-                rows.append([b, e, d, round(accepted, 3), round(best(spec) / plain, 3)])
-                print(rows[-1], flush=True)
+                for k in (None, draft_vocab) if draft_vocab else (None,):
+                    spec = SpecConfig(e, d, adaptive=False, draft_vocab=k)
+                    accepted = run(spec).acceptance_rate
+                    rows.append([b, e, d, k or config.vocab_size, round(accepted, 3), round(best(spec) / plain, 3)])
+                    print(rows[-1], flush=True)
     return rows
 
 
-def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse: bool = False) -> str:
+def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse: bool = False,
+               draft_vocab: int | None = None) -> str:
     runs = train_pair(steps, out, reuse)
     quality, data = {}, None
     for name, r in runs.items():
@@ -149,8 +154,10 @@ def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse:
     ratio = quality["layerskip"]["agree"][quarter - 1] / max(quality["baseline"]["agree"][quarter - 1], 1e-9)
     loss_gap = quality["layerskip"]["loss"][-1] / quality["baseline"]["loss"][-1] - 1
     exits, drafts = ([1, 2], [2, 4]) if quick else ([1, 2, 3, 4], [2, 3, 4, 6])
-    d_rows = decode_sweep(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits, drafts)
-    c_rows = acceptance_ceiling(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits[1:], drafts)
+    d_rows = decode_sweep(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits, drafts,
+                          draft_vocab=draft_vocab)
+    c_rows = acceptance_ceiling(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits[1:], drafts,
+                                draft_vocab=draft_vocab)
     secs = {n: r["summary"]["train_seconds"] for n, r in runs.items()}
     body = (f"Training: {runs['layerskip']['cfg'].run.steps} steps each, baseline {secs['baseline']:.0f}s, "
             f"LayerSkip {secs['layerskip']:.0f}s of training.\n\n"
@@ -169,7 +176,8 @@ def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse:
               "and MLP-down weights zeroed), so every draft is accepted while every layer costs what it "
               "did; speed-up over plain decoding of that copy. No model can beat this row on this "
               "machine with this decoding loop.\n\n"
-            + markdown_table(["batch", "E", "d", "acceptance", "speed-up at acceptance 1"], c_rows))
+            + markdown_table(["batch", "E", "d", "draft vocabulary", "acceptance", "speed-up at acceptance 1"],
+                             c_rows))
     return body
 
 
@@ -187,14 +195,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short smoke run (nothing appended)")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="take finished training runs in --out as they are")
+    parser.add_argument("--draft-vocab", type=int, help="also sweep drafting over token ids [0, K) only")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.new_tokens = args.steps or 20, 16
-    body = run_models(args.steps, args.new_tokens, args.out, args.quick, args.reuse)
+    body = run_models(args.steps, args.new_tokens, args.out, args.quick, args.reuse, args.draft_vocab)
     print(body)
     if not (args.quick or args.no_append):
         cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "") + (
-            " --reuse" if args.reuse else "")
+            " --reuse" if args.reuse else "") + (f" --draft-vocab {args.draft_vocab}" if args.draft_vocab else "")
         append_report("LayerSkip: training quality and self-speculative decoding (CPU)", cmd, body)
 
 

@@ -39,6 +39,7 @@ class SpecConfig:
     adaptive: bool = True  # adapt the draft length to measured acceptance
     start_draft_len: int | None = None  # adaptive: the first round's d (None: draft_len)
     count_visits: bool = False  # record per-position layer visits in SpecStats (tests; costs time)
+    draft_vocab: int | None = None  # draft over token ids [0, K) only: a K/V-sized draft head
 
     def validate(self, config: LlamaConfig) -> None:
         if not 1 <= self.exit_layer < config.num_hidden_layers:
@@ -46,6 +47,9 @@ class SpecConfig:
                              f"{config.num_hidden_layers}-layer model, got {self.exit_layer}")
         if not 1 <= self.draft_len <= 32:
             raise ValueError(f"draft_len must be in [1, 32], got {self.draft_len}")
+        if self.draft_vocab is not None and not 1 <= self.draft_vocab <= config.vocab_size:
+            raise ValueError(f"draft_vocab must be in [1, {config.vocab_size}] (the vocabulary size), "
+                             f"got {self.draft_vocab}")
         if self.start_draft_len is not None and not 1 <= self.start_draft_len <= self.draft_len:
             raise ValueError(f"start_draft_len must be in [1, draft_len={self.draft_len}], "
                              f"got {self.start_draft_len}")
@@ -73,7 +77,20 @@ def _probs(logits, sampling: SamplingConfig, temperature, top_p):
                                         use_top_p=sampling.top_p < 1.0), axis=-1)
 
 
-def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperature, top_p):
+def draft_head(params: Params, config: LlamaConfig, draft_vocab: int | None) -> Params:
+    """The shared exit restricted to token ids [0, K): final norm + the first K rows of the head.
+
+    Drafting with it costs K/V of the head (for a byte-level BPE the low ids are the bytes and the
+    earliest, most frequent merges). The verifier keeps the full head, so the output is unchanged;
+    tokens outside [0, K) are simply never drafted (q = 0 there; sampling stays exact)."""
+    if draft_vocab is None or draft_vocab == config.vocab_size:
+        return params
+    if config.tie_word_embeddings:
+        return {"final_norm": params["final_norm"], "embed": params["embed"][:draft_vocab]}
+    return {"final_norm": params["final_norm"], "lm_head": params["lm_head"][:, :draft_vocab]}
+
+
+def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperature, top_p, head):
     """Draft up to d_cur tokens per row. Returns (cache, exit buffer [B, d_max+1, D], drafts
     [B, d_max], draft probabilities [B, d_max, V] or None)."""
     b, d_max, E = pending.shape[0], spec.draft_len, spec.exit_layer
@@ -81,19 +98,21 @@ def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperatu
     hbuf = jnp.zeros((b, d_max + 1, config.hidden_size), params["embed"].dtype)
     drafts = jnp.zeros((b, d_max), jnp.int32)
     qs = None if sampling.greedy else jnp.zeros((b, d_max, config.vocab_size), jnp.float32)
+    k = spec.draft_vocab or config.vocab_size  # any draft distribution keeps sampling exact, so a
+    draft_sampling = dataclasses.replace(sampling, top_k=min(sampling.top_k, k))  # top-k > K is cut
 
     def step(i, carry):
         cache, token, hbuf, drafts, qs, key = carry
         h, cache = _layers(params, config, token[:, None], (pos0 + i)[:, None], cache, 0, E, embed=True)
         hbuf = hbuf.at[:, i].set(h[:, 0])
-        logits = exit_logits(params, config, h[:, 0])
+        logits = exit_logits(head, config, h[:, 0])  # [B, K]
         if sampling.greedy:
             token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         else:
             key, sub = jax.random.split(key)
-            q = _probs(logits, sampling, temperature, top_p)
+            q = _probs(logits, draft_sampling, temperature, top_p)
             token = jax.random.categorical(sub, jnp.log(q), axis=-1).astype(jnp.int32)
-            qs = qs.at[:, i].set(q)
+            qs = qs.at[:, i, : q.shape[-1]].set(q)  # ids >= K keep q = 0
         return cache, token, hbuf, drafts.at[:, i].set(token), qs, key
 
     cache, last, hbuf, drafts, qs, key = jax.lax.fori_loop(
@@ -148,6 +167,7 @@ def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: ja
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     pad = eos_ids[0] if eos_ids else 0
     zeros_bs = jnp.zeros((b, s if spec.count_visits else 0), jnp.int32)
+    head = draft_head(params, config, spec.draft_vocab)  # sliced once, outside the loop
 
     def count_range(counter, start, n, active):  # counter[b, start_b : start_b + n] += active_b
         if not spec.count_visits:
@@ -162,7 +182,7 @@ def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: ja
         cache, active, pos0, d_cur = c["cache"], ~c["done"], c["cache"].lengths, c["d_cur"]
         key, k_draft, k_acc = jax.random.split(c["key"], 3)
         cache, hbuf, drafts, qs, last, _ = _draft(params, config, spec, sampling, cache,
-                                                   c["pending"], d_cur, k_draft, temperature, top_p)
+                                                   c["pending"], d_cur, k_draft, temperature, top_p, head)
         h, cache = _layers(params, config, last[:, None], (pos0 + d_cur)[:, None], cache, 0, E, embed=True)
         hbuf = jax.lax.dynamic_update_slice(hbuf, h, (0, d_cur, 0))
         positions = pos0[:, None] + jnp.arange(d_max + 1)[None]

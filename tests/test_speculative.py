@@ -25,6 +25,18 @@ def test_greedy_self_speculation_equals_plain_greedy(exit_layer, draft_len, adap
     assert 0 < out.drafted and 0 <= out.accepted <= out.drafted
 
 
+@pytest.mark.parametrize("draft_vocab", [1, 40, CONFIG.vocab_size])
+def test_a_smaller_draft_vocabulary_keeps_the_tokens(draft_vocab):
+    """Drafting over ids [0, K) only: drafts never leave [0, K), acceptance changes, tokens do not."""
+    spec = SpecConfig(3, 3, adaptive=False, draft_vocab=draft_vocab)
+    out = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(), speculative=spec)
+    assert out.tokens == PLAIN.tokens
+    in_vocab = sum(t < draft_vocab for row in PLAIN.tokens for t in row[1:])  # could be drafted at all
+    assert out.accepted <= in_vocab
+    with pytest.raises(ValueError, match="draft_vocab must be in"):
+        generate(PARAMS, CONFIG, PROMPTS, 4, speculative=SpecConfig(2, 2, draft_vocab=CONFIG.vocab_size + 1))
+
+
 def test_eos_inside_a_draft_stops_the_row_where_plain_decoding_stops():
     eos = PLAIN.tokens[0][9]  # row 0 ends at its 10th token; other rows may hit it too
     plain = generate(PARAMS, CONFIG, PROMPTS, 30, eos_token_ids=(eos,))
@@ -67,15 +79,17 @@ def test_first_token_marginal_is_exactly_the_target_on_a_small_vocabulary():
         np.testing.assert_allclose(marginal, p, atol=2e-5)
 
 
-def test_sampling_self_speculation_matches_the_target_distribution():
-    """Chi-square of the first sampled token (top-k 8, temperature 1) against the full model's p."""
+@pytest.mark.parametrize("draft_vocab", [None, 4])
+def test_sampling_self_speculation_matches_the_target_distribution(draft_vocab):
+    """Chi-square of the first sampled token (top-k 8, temperature 1) against the full model's p;
+    with a draft vocabulary smaller than top-k, most of the target's support is never drafted."""
     prompt, n = [7, 8, 9], 600
     logits, _ = forward(PARAMS, CONFIG, jnp.array([prompt]))
     p = np.asarray(jax.nn.softmax(logits[0, -1]))
     top = np.argsort(p)[::-1][:8]
     expected = p[top] / p[top].sum() * n
     out = generate(PARAMS, CONFIG, [prompt] * n, 3, temperature=1.0, top_k=8, seed=0,
-                   eos_token_ids=(), speculative=SpecConfig(1, 3, False))
+                   eos_token_ids=(), speculative=SpecConfig(1, 3, False, draft_vocab=draft_vocab))
     first = np.array([row[0] for row in out.tokens])
     counts = np.array([(first == t).sum() for t in top])
     assert counts.sum() == n  # every sample lies in the target's top-k support
