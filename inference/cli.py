@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="LayerSkip self-speculative decoding (lossless)")
     p.add_argument("--exit-layer", type=int, help="draft with layers [0, E) (auto when omitted)")
     p.add_argument("--draft-len", type=int, help="tokens drafted per round (auto when omitted)")
+    p.add_argument("--draft-vocab", type=int, metavar="K",
+                   help="draft over token ids [0, K) only: a cheaper draft head, same output")
     p.add_argument("--early-exit", type=int, metavar="E",
                    help="lossy: decode with layers [0, E) and the shared exit only")
     return p
@@ -58,7 +60,7 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
     if not args.self_speculative:
         return None
     if args.exit_layer is not None and args.draft_len is not None:
-        return SpecConfig(args.exit_layer, args.draft_len, adaptive=False)
+        return SpecConfig(args.exit_layer, args.draft_len, adaptive=False, draft_vocab=args.draft_vocab)
     sample = tokenizer.encode(builtin_calibration_text(), add_special_tokens=False)
     sample = sample[: config.max_position_embeddings]
     choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample])
@@ -68,8 +70,9 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
               f"decoding plainly. LayerSkip training fixes this.", file=sys.stderr)
         return None
     if args.draft_len is not None:  # E from calibration, d given
-        return SpecConfig(choice.exit_layer, args.draft_len, adaptive=False)
-    return SpecConfig(args.exit_layer or choice.exit_layer, choice.draft_len, adaptive=True)
+        return SpecConfig(choice.exit_layer, args.draft_len, adaptive=False, draft_vocab=args.draft_vocab)
+    return SpecConfig(args.exit_layer or choice.exit_layer, choice.draft_len, adaptive=True,
+                      draft_vocab=args.draft_vocab)
 
 
 def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:
@@ -97,6 +100,7 @@ def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict
             "self_speculative": result.spec is not None,
             "exit_layer": result.spec.exit_layer if result.spec else None,
             "draft_len": result.spec.draft_len if result.spec else None,
+            "draft_vocab": result.spec.draft_vocab if result.spec else None,
             "acceptance_rate": None if result.acceptance_rate is None else round(result.acceptance_rate, 4),
             "rounds": result.rounds}
 

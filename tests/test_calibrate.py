@@ -85,6 +85,9 @@ def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys):
     spec = json.loads(capsys.readouterr()[0].splitlines()[-1])
     assert spec["generated_tokens"] == plain["generated_tokens"]
     assert spec["self_speculative"] and spec["exit_layer"] == 24 and 0 <= spec["acceptance_rate"] <= 1
+    assert main(base + ["--self-speculative", "--exit-layer", "24", "--draft-len", "2", "--draft-vocab", "8000"]) == 0
+    small = json.loads(capsys.readouterr()[0].splitlines()[-1])
+    assert small["generated_tokens"] == plain["generated_tokens"] and small["draft_vocab"] == 8000
     assert main(base + ["--self-speculative"]) == 0  # auto: SmolLM2's exits do not pay, so plain
     out, err = capsys.readouterr()
     assert "decoding plainly" in err and json.loads(out.splitlines()[-1])["self_speculative"] is False
