@@ -73,9 +73,10 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
     rows = []
     for b in batch_sizes:
         batch = prompts[:b]
-        choice = choose_exit_and_draft(params, config, calibration, batch_size=b, trials=3)
+        choice = choose_exit_and_draft(params, config, calibration, batch_size=b, trials=3, draft_vocab=draft_vocab)
         auto = choice.spec(adaptive=False)
-        auto_name = f"auto: E={choice.exit_layer}, d={choice.draft_len}" if auto else "auto: plain"
+        vocab = f", K={draft_vocab}" if draft_vocab else ""
+        auto_name = f"auto: E={choice.exit_layer}, d={choice.draft_len}{vocab}" if auto else "auto: plain"
         run = lambda spec=None: generate(params, config, batch, new_tokens, eos_token_ids=(),  # noqa: E731
                                          speculative=spec)
         best = lambda spec=None: max((run(spec) for _ in range(repeats)), key=lambda r: r.tokens_per_second)  # noqa: E731

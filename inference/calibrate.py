@@ -42,9 +42,10 @@ class DecodeCosts:
     def plain_token(self, num_layers: int) -> float:
         return num_layers * self.layer[0] + self.head[0]
 
-    def spec_round(self, exit_layer: int, draft_len: int, num_layers: int) -> float:
+    def spec_round(self, exit_layer: int, draft_len: int, num_layers: int, draft_head: float = 1.0) -> float:
+        """`draft_head`: the draft head's share of the full head (K / V with a draft vocabulary)."""
         E, d = exit_layer, draft_len
-        draft = d * (E * self.layer[0] + self.head[0]) + E * self.layer[0]  # + the last draft's [0, E)
+        draft = d * (E * self.layer[0] + draft_head * self.head[0]) + E * self.layer[0]  # + last draft's [0, E)
         return draft + (num_layers - E) * self.layer[d] + self.head[d]
 
 
@@ -109,6 +110,7 @@ class SpecChoice:
     expected_speedup: float  # over plain decoding (modeled, or timed when `measured`); <= 1: plain
     agreement: tuple[float, ...]  # alpha_E for E = 1 .. L-1
     measured: bool = False
+    draft_vocab: int | None = None
 
     def spec(self, adaptive: bool = True) -> SpecConfig | None:
         """None when plain decoding is modeled faster. Adaptive: start at the modeled best d and
@@ -116,7 +118,7 @@ class SpecChoice:
         d would make every verify dearer)."""
         if self.expected_speedup <= 1.0:
             return None
-        return SpecConfig(self.exit_layer, self.draft_len, adaptive=adaptive)
+        return SpecConfig(self.exit_layer, self.draft_len, adaptive=adaptive, draft_vocab=self.draft_vocab)
 
 
 def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
@@ -143,11 +145,11 @@ def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequ
 
 
 def expected_speedup(alpha: float, exit_layer: int, draft_len: int, num_layers: int,
-                     costs: DecodeCosts) -> float:
-    """The model above for one (E, d)."""
+                     costs: DecodeCosts, draft_head: float = 1.0) -> float:
+    """The model above for one (E, d) (draft head cost scaled by `draft_head`)."""
     alpha = min(alpha, 0.999999)
     tokens = (1 - alpha ** (draft_len + 1)) / (1 - alpha)
-    return tokens * costs.plain_token(num_layers) / costs.spec_round(exit_layer, draft_len, num_layers)
+    return tokens * costs.plain_token(num_layers) / costs.spec_round(exit_layer, draft_len, num_layers, draft_head)
 
 
 def builtin_calibration_text(chars: int = 2000) -> str:
@@ -187,7 +189,8 @@ def time_settings(params: Params, config: LlamaConfig, batches: Sequence[Sequenc
 
 def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
                           max_draft: int = 8, continue_greedy: int = 48, batch_size: int = 1,
-                          trials: int = 0, costs: DecodeCosts | None = None) -> SpecChoice:
+                          trials: int = 0, costs: DecodeCosts | None = None,
+                          draft_vocab: int | None = None) -> SpecChoice:
     """The (E, d) with the best modeled speed-up on these calibration sequences (each extended by
     `continue_greedy` tokens of the model's own greedy output; 0 to use them as they are), with
     costs measured at `batch_size` unless given.
@@ -195,6 +198,8 @@ def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequen
     With `trials` > 0, the model's best `trials` settings and plain decoding are then timed on the
     calibration prompts (batch_size rows), and the fastest wins: the model misses per-round loop
     overheads and varies with the machine, timing does not (one compilation per trial).
+    With `draft_vocab` K, drafts use ids [0, K) only (their head costs K / V; agreement is still
+    measured with the full head, which is exact whenever the greedy tokens lie below K).
     """
     prompts = [list(s) for s in sequences]
     starts = None
@@ -206,16 +211,17 @@ def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequen
     if costs is None:
         costs = measure_decode_costs(params, config, batch_size, max_draft + 1)
     L = config.num_hidden_layers
-    ranked = sorted(((expected_speedup(alpha[E - 1], E, d, L, costs), E, d)
+    share = (draft_vocab or config.vocab_size) / config.vocab_size
+    ranked = sorted(((expected_speedup(alpha[E - 1], E, d, L, costs, share), E, d)
                      for E in range(1, L) for d in range(1, max_draft + 1)), reverse=True)
     speedup, E, d = ranked[0]
     if trials:
         groups = max(len(prompts) // batch_size, 1)  # every prompt used, each batch full
         batches = [[prompts[(g * batch_size + i) % len(prompts)] for i in range(batch_size)] for g in range(groups)]
-        settings = [None] + [SpecConfig(e, k, adaptive=False) for _, e, k in ranked[:trials]]
+        settings = [None] + [SpecConfig(e, k, adaptive=False, draft_vocab=draft_vocab) for _, e, k in ranked[:trials]]
         speeds = time_settings(params, config, batches, settings)
         best = 1 + int(np.argmax(speeds[1:]))  # the fastest self-speculation; plain wins if it is <= 1
         speedup = speeds[best] / speeds[0]
         E, d = settings[best].exit_layer, settings[best].draft_len
     return SpecChoice(exit_layer=E, draft_len=d, expected_speedup=float(speedup),
-                      agreement=tuple(float(a) for a in alpha), measured=bool(trials))
+                      agreement=tuple(float(a) for a in alpha), measured=bool(trials), draft_vocab=draft_vocab)

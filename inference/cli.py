@@ -63,7 +63,8 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
         return SpecConfig(args.exit_layer, args.draft_len, adaptive=False, draft_vocab=args.draft_vocab)
     sample = tokenizer.encode(builtin_calibration_text(), add_special_tokens=False)
     sample = sample[: config.max_position_embeddings]
-    choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample])
+    choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample],
+                                   draft_vocab=args.draft_vocab)
     if args.exit_layer is None and choice.expected_speedup <= 1.0:
         print(f"note: early exits of this model agree too rarely with its last layer (best modeled "
               f"speed-up {choice.expected_speedup:.2f}x at E={choice.exit_layer}, d={choice.draft_len}); "
