@@ -6,7 +6,9 @@ one draft). Timing one decoder layer and the shared exit for n = 1, 2, ... token
 batch size that will be decoded, gives the costs; the model (DESIGN.md section 4) then scores
 every (E, d):
 
-    tokens per round  = (1 - alpha^(d+1)) / (1 - alpha)
+    tokens per round  = replayed along the greedy continuations (`replay_rounds`: exact for greedy
+                        decoding; agreement comes in bursts), or (1 - alpha^(d+1)) / (1 - alpha)
+                        for i.i.d. acceptance alpha (`expected_speedup`)
     cost per round    = d * (E * layer(1) + head(1)) + E * layer(1) + (L - E) * layer(d+1) + head(d+1)
     speed-up          = tokens per round * (L * layer(1) + head(1)) / cost per round
 
@@ -121,35 +123,70 @@ class SpecChoice:
         return SpecConfig(self.exit_layer, self.draft_len, adaptive=adaptive, draft_vocab=self.draft_vocab)
 
 
-def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
-                   starts: Sequence[int] | None = None) -> np.ndarray:
-    """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1,
-    counting positions >= starts[i] of sequence i (all positions when starts is None)."""
+def exit_matches(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
+                 draft_vocab: int | None = None) -> np.ndarray:
+    """[L-1, N, T] bool: at each position of each (right-padded) sequence, whether exit E's argmax
+    (over ids [0, K) with a draft vocabulary K) equals the final layer's, for E = 1..L-1."""
     width = max(len(s) for s in sequences)
     tokens = np.zeros((len(sequences), width), np.int32)
-    valid = np.zeros((len(sequences), width), bool)
     for i, s in enumerate(sequences):
-        tokens[i, : len(s)], valid[i, starts[i] if starts else 0: len(s)] = s, True
+        tokens[i, : len(s)] = s
+    k = draft_vocab or config.vocab_size
 
     @jax.jit
-    def agreement(params, tokens):
+    def matches(params, tokens):
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         _, _, hidden = run_layers(params, config, embed_tokens(params, tokens), positions,
                                   collect_hidden=True)  # [L, B, T, D]
         final = jnp.argmax(exit_logits(params, config, hidden[-1]), axis=-1)
         # one exit at a time: never materializes [L, B, T, V] logits
-        return jax.lax.map(lambda h: jnp.argmax(exit_logits(params, config, h), -1) == final, hidden[:-1])
+        return jax.lax.map(lambda h: jnp.argmax(exit_logits(params, config, h)[..., :k], -1) == final,
+                           hidden[:-1])
 
-    agree = np.asarray(agreement(params, jnp.asarray(tokens)))  # [L-1, B, T]
+    return np.asarray(matches(params, jnp.asarray(tokens)))
+
+
+def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
+                   starts: Sequence[int] | None = None) -> np.ndarray:
+    """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1,
+    counting positions >= starts[i] of sequence i (all positions when starts is None)."""
+    valid = np.zeros((len(sequences), max(len(s) for s in sequences)), bool)
+    for i, s in enumerate(sequences):
+        valid[i, starts[i] if starts else 0: len(s)] = True
+    agree = exit_matches(params, config, sequences)  # [L-1, B, T]
     return (agree & valid).sum(axis=(1, 2)) / valid.sum()
+
+
+def replay_rounds(matches: np.ndarray, start: int, end: int, draft_len: int) -> tuple[int, int]:
+    """Greedy self-speculation replayed along one sequence whose tokens after `start` are the
+    model's own greedy output: from position j, drafts are accepted while matches[j], matches[j+1],
+    ... hold (at most d), then the verifier adds one token. Returns (tokens, rounds) for the
+    positions start..end-1. Exact for greedy decoding: agreement comes in bursts (repetitive
+    output), which the i.i.d. formula misses."""
+    j, tokens, rounds = start, 0, 0
+    while j < end:
+        a = 0
+        while a < draft_len and j + a < len(matches) and matches[j + a]:
+            a += 1
+        emitted = min(a + 1, end - j)  # the generation stops at `end`, as max_new_tokens does
+        tokens, rounds, j = tokens + emitted, rounds + 1, j + emitted
+    return tokens, rounds
+
+
+def round_speedup(tokens_per_round: float, exit_layer: int, draft_len: int, num_layers: int,
+                  costs: DecodeCosts, draft_head: float = 1.0) -> float:
+    """Speed-up over plain decoding of rounds committing `tokens_per_round` on average (draft head
+    cost scaled by `draft_head`)."""
+    return tokens_per_round * costs.plain_token(num_layers) / costs.spec_round(exit_layer, draft_len, num_layers,
+                                                                               draft_head)
 
 
 def expected_speedup(alpha: float, exit_layer: int, draft_len: int, num_layers: int,
                      costs: DecodeCosts, draft_head: float = 1.0) -> float:
-    """The model above for one (E, d) (draft head cost scaled by `draft_head`)."""
+    """The model above with i.i.d. acceptance alpha: (1 - alpha^(d+1)) / (1 - alpha) tokens per round."""
     alpha = min(alpha, 0.999999)
     tokens = (1 - alpha ** (draft_len + 1)) / (1 - alpha)
-    return tokens * costs.plain_token(num_layers) / costs.spec_round(exit_layer, draft_len, num_layers, draft_head)
+    return round_speedup(tokens, exit_layer, draft_len, num_layers, costs, draft_head)
 
 
 def builtin_calibration_text(chars: int = 2000) -> str:
@@ -202,17 +239,27 @@ def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequen
     measured with the full head, which is exact whenever the greedy tokens lie below K).
     """
     prompts = [list(s) for s in sequences]
-    starts = None
-    if continue_greedy:  # count only the greedy part: that is the text drafts are checked on
+    if continue_greedy:  # only the greedy part counts: that is the text drafts are checked on
         kept = config.max_position_embeddings - continue_greedy  # prompts are cut to this length
         starts = [max(min(len(s), kept) - 1, 0) for s in sequences]  # predicts the 1st new token
         sequences = greedy_continuations(params, config, sequences, continue_greedy)
-    alpha = exit_agreement(params, config, sequences, starts)
+    else:
+        starts = [0] * len(sequences)
+    matches = exit_matches(params, config, sequences, draft_vocab)  # [L-1, N, T]
+    counted = sum(len(s) - 1 - b for s, b in zip(sequences, starts))
+    alpha = [sum(int(m[i, b: len(s) - 1].sum()) for i, (s, b) in enumerate(zip(sequences, starts))) / counted
+             for m in matches]
     if costs is None:
         costs = measure_decode_costs(params, config, batch_size, max_draft + 1)
     L = config.num_hidden_layers
     share = (draft_vocab or config.vocab_size) / config.vocab_size
-    ranked = sorted(((expected_speedup(alpha[E - 1], E, d, L, costs, share), E, d)
+
+    def replayed(E: int, d: int) -> float:  # tokens per round over all calibration sequences
+        done = [replay_rounds(matches[E - 1, i], b, len(s) - 1, d)
+                for i, (s, b) in enumerate(zip(sequences, starts))]
+        return sum(t for t, _ in done) / sum(r for _, r in done)
+
+    ranked = sorted(((round_speedup(replayed(E, d), E, d, L, costs, share), E, d)
                      for E in range(1, L) for d in range(1, max_draft + 1)), reverse=True)
     speedup, E, d = ranked[0]
     if trials:

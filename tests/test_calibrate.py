@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.calibrate import (DecodeCosts, choose_exit_and_draft, exit_agreement, expected_speedup,
-                                measure_decode_costs, memory_bound_costs)
+from inference.calibrate import (DecodeCosts, choose_exit_and_draft, exit_agreement, exit_matches,
+                                expected_speedup, measure_decode_costs, memory_bound_costs, replay_rounds,
+                                round_speedup)
 from inference.cli import main
 from jaxmodels import embed_tokens, exit_logits, init_params, run_layers
 from jaxmodels.testing import tiny_config
@@ -57,16 +58,32 @@ def test_measured_costs_are_positive_and_a_layer_over_more_tokens_is_not_cheaper
     assert costs.layer[4] > 0.5 * costs.layer[0]  # generous: timings are noisy, ordering is not the point
 
 
+def test_replayed_rounds_equal_the_rounds_of_real_self_speculation():
+    """Replaying exit agreement along the greedy output predicts tokens and rounds exactly."""
+    from inference import generate
+    from inference.speculative import SpecConfig
+    prompt, n = list(range(3, 20)), 24
+    seq = prompt + generate(PARAMS, CONFIG, [prompt], n, eos_token_ids=()).tokens[0]
+    matches = exit_matches(PARAMS, CONFIG, [seq])
+    for E, d in ((1, 2), (3, 4), (5, 3)):
+        out = generate(PARAMS, CONFIG, [prompt], n, eos_token_ids=(), speculative=SpecConfig(E, d, adaptive=False))
+        assert replay_rounds(matches[E - 1, 0], len(prompt) - 1, len(seq) - 1, d) == (n, out.rounds)
+
+
 def test_choice_is_the_argmax_of_the_model_over_the_grid():
     seqs = [list(range(3, 60))]
     costs = memory_bound_costs(CONFIG, 7)
-    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6, costs=costs)
+    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6, costs=costs, continue_greedy=0)
     assert 1 <= choice.exit_layer < 6 and 1 <= choice.draft_len <= 6
     assert len(choice.agreement) == 5 and not choice.measured
-    best = max(expected_speedup(choice.agreement[E - 1], E, d, 6, costs) for E in range(1, 6) for d in range(1, 7))
+    matches = exit_matches(PARAMS, CONFIG, seqs)
+
+    def modeled(E, d):
+        tokens, rounds = replay_rounds(matches[E - 1, 0], 0, len(seqs[0]) - 1, d)
+        return round_speedup(tokens / rounds, E, d, 6, costs)
+    best = max(modeled(E, d) for E in range(1, 6) for d in range(1, 7))
     assert np.isclose(choice.expected_speedup, best)
-    assert expected_speedup(choice.agreement[choice.exit_layer - 1], choice.exit_layer, choice.draft_len,
-                            6, costs) == best
+    assert np.isclose(modeled(choice.exit_layer, choice.draft_len), best)
 
 
 def test_timed_choice_reports_the_timed_speedup_of_a_tried_setting():
