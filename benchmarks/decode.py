@@ -20,7 +20,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import append_report, markdown_table, measure_read_bandwidth, median_seconds
+from benchmarks.report import (append_report, markdown_table, measure_read_bandwidth, median_seconds,
+                               parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from jaxmodels.model import unstack_layers
@@ -94,16 +95,10 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat (smoke test)")
-    parser.add_argument("--no-append", action="store_true", help="do not write BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.quick:
-        args.new_tokens, args.repeats = 16, 1
+    args = parse_decode_flags(parser, new_tokens=128)
     body, _ = run(args.new_tokens, args.repeats, [1, 8])
     print(body)
-    if not args.no_append and not args.quick:
+    if not args.no_append:
         command = f"python -m benchmarks.decode --new-tokens {args.new_tokens} --repeats {args.repeats}"
         append_report("Greedy decode: SmolLM2-135M, jaxmodels vs transformers (CPU)", command, body)
 

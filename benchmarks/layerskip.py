@@ -28,7 +28,7 @@ from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
 from training.config import load_config
 from training.data import prepare_data
-from training.layerskip import exit_eval_sums
+from training.layerskip import evaluate_exits, exit_eval_sums
 from training.train import train
 
 
@@ -54,13 +54,11 @@ def exit_quality(model_dir: str, cfg, batches: int = 16) -> dict[str, np.ndarray
     """Per-exit held-out loss and agreement of an exported model."""
     config, params, tok = load_model(model_dir)
     data = prepare_data(cfg.data, cfg.run.seq_len, cfg.run.seed, tokenizer=tok)
-    step = jax.jit(lambda p, i, t, w: exit_eval_sums(p, config, i, t, w))
-    total = None
-    for blocks, weights in data.heldout_batches(8, batches):
-        sums = jax.device_get(step(params, blocks[:, :-1], blocks[:, 1:], weights))
-        total = sums if total is None else jax.tree_util.tree_map(np.add, total, sums)
-    n = float(total["tokens"])
-    return {"loss": np.asarray(total["loss"]) / n, "agree": np.asarray(total["agree"]) / n}, data
+    step = jax.jit(lambda p, b: exit_eval_sums(p, config, b["inputs"], b["targets"], b["weights"]))
+    held_out = ({"inputs": blocks[:, :-1], "targets": blocks[:, 1:], "weights": weights}
+                for blocks, weights in data.heldout_batches(8, batches))
+    per_exit = evaluate_exits(step, params, held_out)
+    return {"loss": np.asarray(per_exit["exit_loss"]), "agree": np.asarray(per_exit["exit_agreement"])}, data
 
 
 def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],

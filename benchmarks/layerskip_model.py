@@ -35,7 +35,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import append_report, markdown_table
+from benchmarks.report import append_report, markdown_table, parse_decode_flags
 from inference import generate
 from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model, save_hf_checkpoint
@@ -193,17 +193,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--exit-layers", default="8,16,24", help="comma-separated exit layers E")
     parser.add_argument("--draft-len", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat (smoke test)")
-    parser.add_argument("--no-append", action="store_true", help="do not write BENCHMARKS.md")
-    args = parser.parse_args()
-    if args.quick:
-        args.new_tokens, args.repeats = 16, 1
+    args = parse_decode_flags(parser, new_tokens=64)
     exits = [int(e) for e in args.exit_layers.split(",") if e.strip()]
     body, _ = compare_with_transformers(args.model, exits, args.draft_len, args.new_tokens, args.repeats)
     print(body)
-    if not args.no_append and not args.quick:
+    if not args.no_append:
         command = (f"python -m benchmarks.layerskip_model --model {args.model} --exit-layers "
                    f"{args.exit_layers} --draft-len {args.draft_len} --new-tokens {args.new_tokens} "
                    f"--repeats {args.repeats}")

@@ -87,3 +87,16 @@ def append_report(title: str, command: str, body: str) -> None:
                                  "`benchmarks/`; the command that produced it is listed with it.\n")
     with BENCHMARKS_MD.open("a") as f:
         f.write(section)
+
+
+def parse_decode_flags(parser, new_tokens: int):
+    """Add the flags the decoding benchmarks share (--new-tokens, --repeats, --quick, --no-append),
+    parse, and apply --quick (16 tokens, 1 repeat, nothing appended)."""
+    parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="16 tokens, 1 repeat (smoke test)")
+    parser.add_argument("--no-append", action="store_true", help="do not write BENCHMARKS.md")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats, args.no_append = 16, 1, True
+    return args

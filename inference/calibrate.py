@@ -31,7 +31,7 @@ import numpy as np
 from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,6 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
     """Time layer 0 (over a half-full KV cache) and the shared exit for 1..max_tokens tokens per
     row, `iters` passes inside one compiled loop (no dispatch in the numbers), best of `repeats`.
     Token counts between the measured ones (1, 2, 3, 4, 6, 8, 12, ...) are interpolated."""
-    from jaxmodels.model import unstack_layers
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     measured = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n < max_tokens} | {max_tokens})
     dim, start = config.hidden_size, cache_len // 2
@@ -146,15 +145,20 @@ def exit_matches(params: Params, config: LlamaConfig, sequences: Sequence[Sequen
     return np.asarray(matches(params, jnp.asarray(tokens)))
 
 
+def agreement_rates(matches: np.ndarray, lengths: Sequence[int], starts: Sequence[int]) -> np.ndarray:
+    """alpha[E-1] from exit_matches: the matching fraction of positions starts[i] .. lengths[i]-1."""
+    valid = np.zeros(matches.shape[1:], bool)
+    for i, (n, b) in enumerate(zip(lengths, starts)):
+        valid[i, b:n] = True
+    return (matches & valid).sum(axis=(1, 2)) / valid.sum()
+
+
 def exit_agreement(params: Params, config: LlamaConfig, sequences: Sequence[Sequence[int]],
                    starts: Sequence[int] | None = None) -> np.ndarray:
     """alpha[E-1] = fraction of positions where exit-E argmax == final argmax, for E = 1..L-1,
     counting positions >= starts[i] of sequence i (all positions when starts is None)."""
-    valid = np.zeros((len(sequences), max(len(s) for s in sequences)), bool)
-    for i, s in enumerate(sequences):
-        valid[i, starts[i] if starts else 0: len(s)] = True
-    agree = exit_matches(params, config, sequences)  # [L-1, B, T]
-    return (agree & valid).sum(axis=(1, 2)) / valid.sum()
+    return agreement_rates(exit_matches(params, config, sequences), [len(s) for s in sequences],
+                           starts or [0] * len(sequences))
 
 
 def replay_rounds(matches: np.ndarray, start: int, end: int, draft_len: int) -> tuple[int, int]:
@@ -246,9 +250,7 @@ def choose_exit_and_draft(params: Params, config: LlamaConfig, sequences: Sequen
     else:
         starts = [0] * len(sequences)
     matches = exit_matches(params, config, sequences, draft_vocab)  # [L-1, N, T]
-    counted = sum(len(s) - 1 - b for s, b in zip(sequences, starts))
-    alpha = [sum(int(m[i, b: len(s) - 1].sum()) for i, (s, b) in enumerate(zip(sequences, starts))) / counted
-             for m in matches]
+    alpha = agreement_rates(matches, [len(s) for s in sequences], starts)
     if costs is None:
         costs = measure_decode_costs(params, config, batch_size, max_draft + 1)
     L = config.num_hidden_layers

