@@ -6,10 +6,11 @@
 Training: the `default` preset (LayerSkip from scratch) and the `baseline` preset (same model, data,
 steps and batch; no layer dropout, no early-exit loss), trained one after the other in this run.
 Quality: per-exit top-1 agreement with the last layer and held-out loss on the held-out stdlib
-modules. Decoding: prompts are held-out code (64 tokens each), greedy, EOS as an ordinary token;
-plain decoding against self-speculation over a sweep of exit layer E and draft length d
-(fixed d) and the automatic choice (calibrated on other held-out blocks, adaptive d), at batch 1
-and 8. tokens/s = generated tokens / wall time of the whole generate call, compilation excluded.
+modules. Decoding: 8 prompts of held-out code (64 tokens each), greedy, EOS as an ordinary token;
+plain decoding against self-speculation over a sweep of exit layer E and draft length d (fixed d)
+and the automatic choice (calibrated on 8 other held-out blocks), at batch 1 (the 8 prompts one
+after another) and batch 8 (all at once). tokens/s = generated tokens / wall time of the generate
+calls, compilation excluded.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from benchmarks.report import append_report, markdown_table
 from inference.calibrate import choose_exit_and_draft
-from inference.engine import generate
+from inference.engine import generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
@@ -70,13 +71,13 @@ def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts
     calibration = [list(map(int, b[:64])) for b in blocks[8:16]]  # + the model's greedy continuation
     rows = []
     for b in batch_sizes:
-        batch = prompts[:b]
-        choice = choose_exit_and_draft(params, config, calibration, batch_size=b, trials=3, draft_vocab=draft_vocab)
+        choice = choose_exit_and_draft(params, config, calibration, new_tokens=new_tokens, batch_size=b, trials=3,
+                                       draft_vocab=draft_vocab)
         auto = choice.spec(adaptive=False)
         vocab = f", K={draft_vocab}" if draft_vocab else ""
         auto_name = f"auto: E={choice.exit_layer}, d={choice.draft_len}{vocab}" if auto else "auto: plain"
-        run = lambda spec=None: generate(params, config, batch, new_tokens, eos_token_ids=(),  # noqa: E731
-                                         speculative=spec)
+        run = lambda spec=None: generate_batches(params, config, prompts, b, new_tokens,  # noqa: E731
+                                                 eos_token_ids=(), speculative=spec)
         best = lambda spec=None: max((run(spec) for _ in range(repeats)), key=lambda r: r.tokens_per_second)  # noqa: E731
         run()
         plain = best()
@@ -124,8 +125,8 @@ def acceptance_ceiling(model_dir: str, data, new_tokens: int, exits: list[int], 
     for b in batch_sizes:
         for e in exits:
             ceiling = without_deep_layers(params, e)
-            run = lambda spec=None: generate(ceiling, config, prompts[:b], new_tokens,  # noqa: E731
-                                             eos_token_ids=(), speculative=spec)
+            run = lambda spec=None: generate_batches(ceiling, config, prompts, b, new_tokens,  # noqa: E731
+                                                     eos_token_ids=(), speculative=spec)
             best = lambda spec=None: max(run(spec).tokens_per_second for _ in range(repeats))  # noqa: E731
             run()
             plain = best()

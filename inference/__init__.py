@@ -4,7 +4,7 @@
     result = generate(params, config, [[1, 2, 3]], max_new_tokens=32)
 """
 
-from inference.engine import GenerationResult, generate
+from inference.engine import GenerationResult, generate, generate_batches
 from inference.sampling import SamplingConfig, filter_logits, select_token
 
-__all__ = ["generate", "GenerationResult", "SamplingConfig", "filter_logits", "select_token"]
+__all__ = ["generate", "generate_batches", "GenerationResult", "SamplingConfig", "filter_logits", "select_token"]

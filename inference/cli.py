@@ -64,6 +64,7 @@ def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig 
     sample = tokenizer.encode(builtin_calibration_text(), add_special_tokens=False)
     sample = sample[: config.max_position_embeddings]
     choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample],
+                                   new_tokens=min(args.max_new_tokens, config.max_position_embeddings // 2),
                                    draft_vocab=args.draft_vocab)
     if args.exit_layer is None and choice.expected_speedup <= 1.0:
         print(f"note: early exits of this model agree too rarely with its last layer (best modeled "

@@ -73,7 +73,7 @@ def test_replayed_rounds_equal_the_rounds_of_real_self_speculation():
 def test_choice_is_the_argmax_of_the_model_over_the_grid():
     seqs = [list(range(3, 60))]
     costs = memory_bound_costs(CONFIG, 7)
-    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6, costs=costs, continue_greedy=0)
+    choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=6, costs=costs, continue_greedy=False)
     assert 1 <= choice.exit_layer < 6 and 1 <= choice.draft_len <= 6
     assert len(choice.agreement) == 5 and not choice.measured
     matches = exit_matches(PARAMS, CONFIG, seqs)
@@ -89,7 +89,7 @@ def test_choice_is_the_argmax_of_the_model_over_the_grid():
 def test_timed_choice_reports_the_timed_speedup_of_a_tried_setting():
     seqs = [list(range(3, 40)), list(range(50, 80))]
     choice = choose_exit_and_draft(PARAMS, CONFIG, seqs, max_draft=3, batch_size=2, trials=2,
-                                   costs=memory_bound_costs(CONFIG, 4), continue_greedy=8)
+                                   costs=memory_bound_costs(CONFIG, 4), new_tokens=8)
     assert choice.measured and choice.expected_speedup > 0
     assert (choice.spec() is None) == (choice.expected_speedup <= 1.0)
 

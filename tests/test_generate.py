@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference import SamplingConfig, filter_logits, generate
+from inference import SamplingConfig, filter_logits, generate, generate_batches
 from inference.engine import shape_bucket
 from jaxmodels import forward, init_params
 from jaxmodels.testing import tiny_config
@@ -29,6 +29,21 @@ def test_batch_of_ragged_prompts_equals_each_prompt_alone_and_the_no_cache_refer
     for prompt, row in zip(PROMPTS, batch.tokens):
         assert row == generate(PARAMS, CONFIG, [prompt], 12, eos_token_ids=()).tokens[0]
         assert row == _plain_greedy(prompt, 12)
+
+
+def test_generate_batches_keeps_prompt_order_and_sums_counters():
+    from inference.speculative import SpecConfig
+    spec = SpecConfig(exit_layer=1, draft_len=2, adaptive=False)
+    whole = generate_batches(PARAMS, CONFIG, PROMPTS, 2, 10, eos_token_ids=(), speculative=spec)
+    parts = [generate(PARAMS, CONFIG, PROMPTS[:2], 10, eos_token_ids=(), speculative=spec),
+             generate(PARAMS, CONFIG, PROMPTS[2:], 10, eos_token_ids=(), speculative=spec)]
+    assert whole.tokens == parts[0].tokens + parts[1].tokens
+    assert whole.tokens == generate(PARAMS, CONFIG, PROMPTS, 10, eos_token_ids=()).tokens
+    assert whole.prompt_tokens == [len(p) for p in PROMPTS]
+    assert (whole.drafted, whole.accepted, whole.rounds) == tuple(
+        sum(getattr(r, f) for r in parts) for f in ("drafted", "accepted", "rounds"))
+    with pytest.raises(ValueError, match="batch_size"):
+        generate_batches(PARAMS, CONFIG, PROMPTS, 0, 4)
 
 
 def test_each_row_stops_at_its_own_eos():
