@@ -203,7 +203,8 @@ def main() -> None:
     print(body)
     if not (args.quick or args.no_append):
         cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "") + (
-            " --reuse" if args.reuse else "") + (f" --draft-vocab {args.draft_vocab}" if args.draft_vocab else "")
+            " --reuse" if args.reuse else "") + (f" --draft-vocab {args.draft_vocab}" if args.draft_vocab else "") + (
+            f" --out {args.out}" if args.out != parser.get_default("out") else "")
         append_report("LayerSkip: training quality and self-speculative decoding (CPU)", cmd, body)
 
 
