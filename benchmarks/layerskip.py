@@ -62,13 +62,18 @@ def exit_quality(model_dir: str, cfg, batches: int = 16) -> dict[str, np.ndarray
     return {"loss": np.asarray(per_exit["exit_loss"]), "agree": np.asarray(per_exit["exit_agreement"])}, data
 
 
-def decode_sweep(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
-                 batch_sizes=(1, 8), repeats: int = 3, draft_vocab: int | None = None) -> list[list]:
-    config, params, _ = load_model(model_dir)
-    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+def heldout_prompts(data) -> tuple[list[list[int]], list[list[int]]]:
+    """(8 benchmark prompts, 8 other calibration prompts): 64-token starts of held-out blocks."""
     blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
-    prompts = [list(map(int, b[:64])) for b in blocks[:8]]
-    calibration = [list(map(int, b[:64])) for b in blocks[8:16]]  # + the model's greedy continuation
+    starts = [list(map(int, b[:64])) for b in blocks]
+    return starts[:8], starts[8:16]
+
+
+def decode_sweep(params, config, prompts: list[list[int]], calibration: list[list[int]], new_tokens: int,
+                 exits: list[int], drafts: list[int], batch_sizes=(1, 8), repeats: int = 3,
+                 draft_vocab: int | None = None) -> list[list]:
+    """Plain vs self-speculation over the (E, d) sweep and the automatic choice (calibrated on
+    `calibration` + the model's greedy continuations), per batch size."""
     rows = []
     for b in batch_sizes:
         choice = choose_exit_and_draft(params, config, calibration, new_tokens=new_tokens, batch_size=b, trials=3,
@@ -113,14 +118,11 @@ def without_deep_layers(params, exit_layer: int):
     return {**params, "layers": layers}
 
 
-def acceptance_ceiling(model_dir: str, data, new_tokens: int, exits: list[int], drafts: list[int],
-                       batch_sizes=(1, 8), repeats: int = 3, draft_vocab: int | None = None) -> list[list]:
+def acceptance_ceiling(params, config, prompts: list[list[int]], new_tokens: int, exits: list[int],
+                       drafts: list[int], batch_sizes=(1, 8), repeats: int = 3,
+                       draft_vocab: int | None = None) -> list[list]:
     """Self-speculation speed-up when every draft is accepted, per (batch, E, d): what the loop and
     this machine allow, whatever the model's agreement."""
-    config, params, _ = load_model(model_dir)
-    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
-    blocks = [b for b, _ in data.heldout_batches(16, 1)][0]
-    prompts = [list(map(int, b[:64])) for b in blocks[:8]]
     rows = []
     for b in batch_sizes:
         for e in exits:
@@ -154,10 +156,11 @@ def run_models(steps: int | None, new_tokens: int, out: str, quick: bool, reuse:
     ratio = quality["layerskip"]["agree"][quarter - 1] / max(quality["baseline"]["agree"][quarter - 1], 1e-9)
     loss_gap = quality["layerskip"]["loss"][-1] / quality["baseline"]["loss"][-1] - 1
     exits, drafts = ([1, 2], [2, 4]) if quick else ([1, 2, 3, 4], [2, 3, 4, 6])
-    d_rows = decode_sweep(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits, drafts,
-                          draft_vocab=draft_vocab)
-    c_rows = acceptance_ceiling(runs["layerskip"]["dir"] + "/model", data, new_tokens, exits[1:], drafts,
-                                draft_vocab=draft_vocab)
+    config, params, _ = load_model(runs["layerskip"]["dir"] + "/model")
+    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    prompts, calibration = heldout_prompts(data)
+    d_rows = decode_sweep(params, config, prompts, calibration, new_tokens, exits, drafts, draft_vocab=draft_vocab)
+    c_rows = acceptance_ceiling(params, config, prompts, new_tokens, exits[1:], drafts, draft_vocab=draft_vocab)
     secs = {n: r["summary"]["train_seconds"] for n, r in runs.items()}
     body = (f"Training: {runs['layerskip']['cfg'].run.steps} steps each, baseline {secs['baseline']:.0f}s, "
             f"LayerSkip {secs['layerskip']:.0f}s of training.\n\n"

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inference.engine import generate, generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
@@ -207,7 +208,6 @@ def greedy_continuations(params: Params, config: LlamaConfig, prompts: Sequence[
     from agreement on natural text (measured on a LayerSkip model: 0.45 at exit 1 on held-out code,
     under 0.01 along its greedy output), so calibration teacher-forces this text instead.
     """
-    from inference.engine import generate
     prompts = [list(p[: config.max_position_embeddings - new_tokens]) for p in prompts]
     out = generate(params, config, prompts, new_tokens, eos_token_ids=())
     return [p + t for p, t in zip(prompts, out.tokens)]
@@ -218,7 +218,6 @@ def time_settings(params: Params, config: LlamaConfig, prompts: Sequence[Sequenc
     """Greedy tokens/s of each setting (None: plain) over these prompts in batches of `batch_size`
     (all tokens over all wall time, compilation excluded, best of `repeats`): the ground truth the
     model approximates."""
-    from inference.engine import generate_batches
     speeds = []
     for spec in settings:
         run = lambda: generate_batches(params, config, prompts, batch_size, new_tokens,  # noqa: E731

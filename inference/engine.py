@@ -242,6 +242,7 @@ def generate_batches(params: Params, config: LlamaConfig, prompts: Sequence[Sequ
     prompts is what a service sees; one prompt alone says more about that prompt than the decoder."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    validate_request(config, prompts, max_new_tokens)  # every group's problem, before any group runs
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))  # once, not per group
     parts = [generate(params, config, prompts[i: i + batch_size], max_new_tokens, **kwargs)
              for i in range(0, len(prompts), batch_size)]
