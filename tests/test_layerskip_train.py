@@ -48,6 +48,15 @@ def test_exit_weights_grow_with_depth_and_always_include_the_final_layer():
             assert wt[-1] > 0 and np.isclose(wt.sum(), 1)  # the model's output is always trained
 
 
+@pytest.mark.parametrize("scale, f", [("sum_l", lambda l: l * (l + 1) / 2), ("linear_l", lambda l: l),
+                                      ("sqrt_l", np.sqrt), ("uniform", lambda l: 1.0)])
+def test_exit_scales_match_their_definitions_with_the_final_exit_unscaled(scale, f):
+    L = 5
+    w = np.asarray(exit_weights(L, 0, 100, 2.0, "none", 4, scale))
+    e = np.array([2.0 * f(l) for l in range(1, L)] + [f(L)], dtype=np.float64)
+    np.testing.assert_allclose(w, e / e.sum(), rtol=1e-6)
+
+
 def test_rotational_curriculum_rotates_every_r_th_exit():
     on = [np.asarray(exit_curriculum(8, t, 100, "rotational", 4)) for t in range(4)]
     assert on[0].tolist() == [1, 0, 0, 0, 1, 0, 0, 1]  # exits 1, 5 and the final exit 8

@@ -28,6 +28,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LAYERSKIP_CURRICULA = ("none", "rotational", "gradual")
+EXIT_SCALES = ("sum_l", "linear_l", "sqrt_l", "uniform")
 DROPOUT_SCHEDULES = ("constant", "exp")
 
 
@@ -135,6 +136,7 @@ class LayerSkipSection:
     dropout_schedule: str = "constant"  # S(t): 'constant' (continual) or 'exp' (from scratch)
     exit_loss: bool = False  # the early-exit loss through the shared exit
     e_scale: float = 1.0  # weight scale of the non-final exits
+    exit_scale: str = "sum_l"  # how exit weights grow with depth: sum_l | linear_l | sqrt_l | uniform
     curriculum: str = "none"  # which exits are in the loss at step t: none | rotational | gradual
     rotation: int = 4  # R of the rotational curriculum
 
@@ -146,6 +148,8 @@ class LayerSkipSection:
                              f"got '{self.dropout_schedule}'")
         if self.curriculum not in LAYERSKIP_CURRICULA:
             raise ConfigError(f"layerskip.curriculum must be one of {LAYERSKIP_CURRICULA}, got '{self.curriculum}'")
+        if self.exit_scale not in EXIT_SCALES:
+            raise ConfigError(f"layerskip.exit_scale must be one of {EXIT_SCALES}, got '{self.exit_scale}'")
         if self.rotation < 1:
             raise ConfigError(f"layerskip.rotation must be >= 1, got {self.rotation}")
         if self.e_scale < 0:

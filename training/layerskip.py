@@ -5,8 +5,9 @@ Formulas (DESIGN.md section 4; L layers, step t of T, layers 0-based, exits 1-ba
   dropout    p(l, t) = S(t) * D(l) * p_max,  D(l) = 2^(l/(L-1)) - 1  (layer 0 never, last at p_max),
              S(t) = 1 (continual pretraining / fine-tuning) or 2^(t/(T-1)) - 1 (from scratch).
   exit loss  J = sum_l w(t, l) * CE(exit_logits(h_l), y) over exits l = 1..L (h_l: after layer l),
-             w(t, l) = C(t, l) e(l) / sum_i C(t, i) e(i),  e(l) = e_scale * l(l+1)/2 for l < L,
-             e(L) = L(L+1)/2 (unscaled). The final exit (the model's output) is always in.
+             w(t, l) = C(t, l) e(l) / sum_i C(t, i) e(i),  e(l) = e_scale * f(l) for l < L,
+             e(L) = f(L) (unscaled). The final exit (the model's output) is always in.
+             f (`exit_scale`): sum_l l(l+1)/2 (the paper's), linear_l l, sqrt_l sqrt(l), uniform 1.
   curricula  none: every exit; rotational(R): exit l when (l-1) mod R == t mod R;
              gradual: exit l once t/T >= 0.5 (L-l)/L (switched on top-down, all on by mid-training).
 
@@ -59,11 +60,24 @@ def exit_curriculum(num_layers: int, step: jax.Array, total_steps: int, curricul
     return on | (exits == num_layers)
 
 
+def exit_scale(exits: jax.Array, scale: str) -> jax.Array:
+    """f(l), how an exit's loss weight grows with its depth l (1-based), before e_scale."""
+    if scale == "sum_l":
+        return exits * (exits + 1) / 2
+    if scale == "linear_l":
+        return exits
+    if scale == "sqrt_l":
+        return jnp.sqrt(exits)
+    if scale == "uniform":
+        return jnp.ones_like(exits)
+    raise ValueError(f"unknown exit scale '{scale}'")
+
+
 def exit_weights(num_layers: int, step: jax.Array, total_steps: int, e_scale: float,
-                 curriculum: str, rotation: int) -> jax.Array:
+                 curriculum: str, rotation: int, scale: str = "sum_l") -> jax.Array:
     """Normalized w(t, l) for exits l = 1..L -> [L] float32 summing to 1."""
     exits = jnp.arange(1, num_layers + 1, dtype=jnp.float32)
-    e = exits * (exits + 1) / 2
+    e = exit_scale(exits, scale)
     e = jnp.where(exits < num_layers, e_scale * e, e)
     c = exit_curriculum(num_layers, step, total_steps, curriculum, rotation)
     w = jnp.where(c, e, 0.0)
@@ -114,7 +128,7 @@ def make_loss(config: LlamaConfig, ls: LayerSkipSection, total_steps: int,
         if not ls.exit_loss:
             ce, correct = token_cross_entropy(exit_logits(p, config, h), targets)
             return ce.mean(), {"accuracy": correct.mean()}
-        weights = exit_weights(L, step, total_steps, ls.e_scale, ls.curriculum, ls.rotation)
+        weights = exit_weights(L, step, total_steps, ls.e_scale, ls.curriculum, ls.rotation, ls.exit_scale)
         loss, per_exit, accuracy = early_exit_loss(p, config, hidden, targets, weights)
         return loss, {"accuracy": accuracy[-1], "final_loss": per_exit[-1]}
 
