@@ -16,6 +16,9 @@ calls, compilation excluded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +39,6 @@ from training.train import train
 def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, dict]:
     """Train baseline and LayerSkip with the same budget; returns {name: summary}. With `reuse`,
     finished runs in `out` (summary.json + model/) are taken as they are."""
-    import json
-    from pathlib import Path
     runs = {}
     for name, preset in (("baseline", "baseline"), ("layerskip", "default")):
         overrides = {"run.out_dir": f"{out}/{name}", "run.decode_report": False, "run.sample_tokens": 0,
@@ -46,9 +47,25 @@ def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, di
             overrides["run.steps"] = steps
         cfg = load_config(preset, overrides=overrides)
         done = Path(out, name, "summary.json")
-        summary = json.loads(done.read_text()) if reuse and done.is_file() else train(cfg)
+        if reuse and done.is_file():
+            check_same_config(cfg, Path(out, name, "config.yaml"))
+            summary = json.loads(done.read_text())
+        else:
+            summary = train(cfg)
         runs[name] = {"summary": summary, "dir": f"{out}/{name}", "cfg": cfg}
     return runs
+
+
+def check_same_config(cfg, saved: Path) -> None:
+    """--reuse takes a finished run only if it was trained with the config this run would use
+    (wherever its folder is now)."""
+    same = False
+    if saved.is_file():
+        theirs = load_config(config_file=saved)
+        same = dataclasses.replace(theirs, run=dataclasses.replace(theirs.run, out_dir=cfg.run.out_dir)) == cfg
+    if not same:
+        raise SystemExit(f"--reuse: {saved} differs from the config this benchmark would train with "
+                         "(the preset changed since?); rerun without --reuse or with another --out")
 
 
 def exit_quality(model_dir: str, cfg, batches: int = 16) -> dict[str, np.ndarray]:
