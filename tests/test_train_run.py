@@ -1,5 +1,6 @@
 """Whole runs: end to end, SIGKILL + resume (bitwise same losses), stdlib learning, init_from, CLI errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from jaxmodels.convert.load import load_model
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.testing import small_corpus, tiny_train_config
 from training.train import main, train
 
@@ -179,3 +180,14 @@ def test_resume_flag_without_checkpoint_is_an_error(corpus, cache, tmp_path, cap
     cfg = tiny_train_config(tmp_path / "run", corpus, cache)
     assert main(["--preset", "tiny", "--resume", *_overrides(cfg)]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_resuming_with_a_config_that_trains_differently_is_refused(corpus, cache, tmp_path):
+    cfg = tiny_train_config(tmp_path / "run", corpus, cache, **{"run.steps": 3, "checkpoint.every": 3,
+                                                                "run.sample_tokens": 0})
+    train(cfg)
+    changed = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=cfg.optimizer.lr * 2))
+    with pytest.raises(ConfigError, match=r"step 3 of a run trained with another config \(optimizer.lr"):
+        train(changed)
+    watched = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, log_every=2))  # how it is watched only
+    assert train(watched)["resumed_from"] == 3

@@ -412,3 +412,16 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# Keys that change how a run is watched or saved, not what it trains: a resumed run may change them.
+RESUME_SAFE_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.eval_every", "run.eval_batches",
+                    "run.sample_prompt", "run.sample_tokens", "run.sample_temperature", "run.sample_top_k",
+                    "run.decode_report", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
+
+
+def training_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+    """'key: saved -> new' for every key outside RESUME_SAFE_KEYS where the configs differ."""
+    old, new = flatten(to_dict(saved)), flatten(to_dict(cfg))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new
+            if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)]

@@ -34,7 +34,8 @@ from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, init_params
 from training import parallel
 from training.checkpoint import CheckpointMismatchError, Checkpointer
-from training.config import ConfigError, TrainConfig, dump_yaml, load_config, preset_names, valid_keys
+from training.config import (ConfigError, TrainConfig, dump_yaml, load_config, preset_names, training_differences,
+                             valid_keys)
 from training.corpus import DataError
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.metrics import MetricsLog, Progress
@@ -163,13 +164,25 @@ def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: Met
     return report
 
 
+def check_resumable(cfg: TrainConfig, run_dir: Path, step: int) -> None:
+    """Resuming continues the run in RUN_DIR/config.yaml: refuse if this config would train differently."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    changed = training_differences(load_config(config_file=saved), cfg)
+    if changed:
+        raise ConfigError(f"{run_dir} holds a checkpoint at step {step} of a run trained with another config "
+                          f"({'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new "
+                          f"run.out_dir, delete {run_dir / 'checkpoints'} to start over, or resume with the "
+                          f"saved values ({saved})")
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None) -> dict[str, Any]:
     """Run (or resume) one training run; returns the summary also written to RUN_DIR/summary.json."""
     t_start = time.time()
     run, opt = cfg.run, cfg.optimizer
     run_dir = Path(run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_yaml(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     # ---- data and model shape
@@ -202,11 +215,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
                         async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
     restored = ckpt.restore_latest(state) if ckpt is not None else None
     if restored is not None:
+        check_resumable(cfg, run_dir, restored[0])
         start, state, meta = restored
         position = DataPosition.from_dict(meta["data_position"])
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
     elif resume:
         raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    dump_yaml(cfg, run_dir / "config.yaml")
     log.truncate_after(start)
     log.echo(f"model: {model_config.num_params() / 1e6:.2f}M parameters, {model_config.num_hidden_layers} "
              f"layers, d={model_config.hidden_size}; mesh {dict(mesh.shape)}; batch {run.batch_size} x "
