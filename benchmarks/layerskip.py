@@ -16,7 +16,6 @@ calls, compilation excluded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from inference.engine import generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
-from training.config import LayerSkipSection, TrainConfig, load_config
+from training.config import TrainConfig, load_config, training_differences
 from training.data import prepare_data
 from training.layerskip import evaluate_exits, exit_eval_sums
 from training.train import train
@@ -57,13 +56,8 @@ def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, di
 
 
 def check_same_config(cfg: TrainConfig, saved: Path) -> None:
-    """--reuse takes a finished run only if it was trained as this run would train it: the same
-    config up to where its folder is now and the inert fields of a switched-off LayerSkip section."""
-    def trained_as(c: TrainConfig) -> TrainConfig:
-        layerskip = c.layerskip if c.layerskip.enabled else LayerSkipSection()
-        return dataclasses.replace(c, layerskip=layerskip, run=dataclasses.replace(c.run, out_dir=""))
-
-    if not saved.is_file() or trained_as(load_config(config_file=saved)) != trained_as(cfg):
+    """--reuse takes a finished run only if its saved config trains as this one would."""
+    if not saved.is_file() or training_differences(load_config(config_file=saved), cfg):
         raise SystemExit(f"--reuse: {saved} differs from the config this benchmark would train with "
                          "(the preset changed since?); rerun without --reuse or with another --out")
 

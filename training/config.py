@@ -421,7 +421,11 @@ RESUME_SAFE_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.eval_ev
 
 
 def training_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
-    """'key: saved -> new' for every key outside RESUME_SAFE_KEYS where the configs differ."""
-    old, new = flatten(to_dict(saved)), flatten(to_dict(cfg))
+    """'key: saved -> new' for every key where the configs would train differently: keys outside
+    RESUME_SAFE_KEYS, and a LayerSkip section's fields only while it is switched on."""
+    def trained_as(c: TrainConfig) -> dict[str, Any]:
+        return flatten(to_dict(c if c.layerskip.enabled else dataclasses.replace(c, layerskip=LayerSkipSection())))
+
+    old, new = trained_as(saved), trained_as(cfg)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new
             if k not in RESUME_SAFE_KEYS and old.get(k) != new.get(k)]
