@@ -37,7 +37,7 @@ from training.train import train
 
 def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, dict]:
     """Train baseline and LayerSkip with the same budget; returns {name: summary}. With `reuse`,
-    finished runs in `out` (summary.json + model/) are taken as they are."""
+    finished runs in `out` (summary.json + model/) are taken if their config trains the same."""
     runs = {}
     for name, preset in (("baseline", "baseline"), ("layerskip", "default")):
         overrides = {"run.out_dir": f"{out}/{name}", "run.decode_report": False, "run.sample_tokens": 0,

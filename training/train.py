@@ -213,9 +213,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     start, position = 0, DataPosition()
     ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
+    saved_steps = ckpt.steps() if ckpt is not None else []
+    if saved_steps:  # before reading any arrays, so a changed config is named key by key
+        check_resumable(cfg, run_dir, saved_steps[-1])
     restored = ckpt.restore_latest(state) if ckpt is not None else None
     if restored is not None:
-        check_resumable(cfg, run_dir, restored[0])
         start, state, meta = restored
         position = DataPosition.from_dict(meta["data_position"])
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
