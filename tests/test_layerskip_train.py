@@ -90,11 +90,39 @@ def test_early_exit_loss_equals_the_weighted_sum_of_per_exit_losses():
     assert float(jnp.abs(grads["final_norm"]).sum()) > 0
 
 
+def test_distillation_mixes_kl_to_the_final_exit_into_non_final_exits_only():
+    config = tiny_config()
+    params = init_params(config, jax.random.key(5), std=0.2)
+    tokens = jax.random.randint(jax.random.key(6), (2, 13), 0, config.vocab_size)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(12), inputs.shape)
+    hidden_of = lambda p: run_layers(p, config, embed_tokens(p, inputs), positions, collect_hidden=True)[2]  # noqa: E731
+    hidden, beta = hidden_of(params), 0.3
+    weights = exit_weights(4, 0, 10, 1.0, "none", 1)
+    loss, per_exit, _ = early_exit_loss(params, config, hidden, targets, weights, distill=beta)
+    p_final = jax.nn.softmax(exit_logits(params, config, hidden[-1]), -1)
+    expected = []
+    for l in range(4):
+        logits = exit_logits(params, config, hidden[l])
+        kl = jnp.sum(p_final * (jnp.log(p_final) - jax.nn.log_softmax(logits, -1)), -1).mean()
+        ce = mean_ce(logits, targets)
+        expected.append(ce if l == 3 else (1 - beta) * ce + beta * kl)  # the final exit keeps its CE
+        np.testing.assert_allclose(per_exit[l], ce, rtol=1e-5)  # logged per-exit loss stays the CE
+    np.testing.assert_allclose(loss, sum(float(w) * float(e) for w, e in zip(weights, expected)), rtol=1e-5)
+    # The final exit is a fixed teacher: pure distillation of exit 1 sends no gradient past layer 0.
+    only_exit_1 = jnp.array([1.0, 0.0, 0.0, 0.0])
+    grads = jax.grad(lambda p: early_exit_loss(p, config, hidden_of(p), targets, only_exit_1, distill=1.0)[0])(params)
+    per_layer = np.asarray(jnp.abs(grads["layers"]["w_down"]).sum(axis=(1, 2)))
+    assert per_layer[0] > 0 and np.all(per_layer[1:] == 0)
+
+
 def test_bad_layerskip_settings_are_rejected():
     with pytest.raises(ValueError, match="dropout_max must be in"):
         LayerSkipSection(dropout_max=1.5)
     with pytest.raises(ValueError, match="curriculum must be one of"):
         LayerSkipSection(curriculum="rotate")
+    with pytest.raises(ValueError, match="exit_distill must be in"):
+        LayerSkipSection(exit_distill=1.5)
 
 
 def test_exit_eval_sums_match_a_direct_computation():

@@ -139,6 +139,7 @@ class LayerSkipSection:
     exit_scale: str = "sum_l"  # how exit weights grow with depth: sum_l | linear_l | sqrt_l | uniform
     curriculum: str = "none"  # which exits are in the loss at step t: none | rotational | gradual
     rotation: int = 4  # R of the rotational curriculum
+    exit_distill: float = 0.0  # beta: non-final exits learn (1-beta) CE(labels) + beta KL(final || exit)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.dropout_max <= 1.0:
@@ -152,6 +153,8 @@ class LayerSkipSection:
             raise ConfigError(f"layerskip.exit_scale must be one of {EXIT_SCALES}, got '{self.exit_scale}'")
         if self.rotation < 1:
             raise ConfigError(f"layerskip.rotation must be >= 1, got {self.rotation}")
+        if not 0.0 <= self.exit_distill <= 1.0:
+            raise ConfigError(f"layerskip.exit_distill must be in [0, 1], got {self.exit_distill}")
         if self.e_scale < 0:
             raise ConfigError(f"layerskip.e_scale must be >= 0, got {self.e_scale}")
 

@@ -8,6 +8,10 @@ Formulas (DESIGN.md section 4; L layers, step t of T, layers 0-based, exits 1-ba
              w(t, l) = C(t, l) e(l) / sum_i C(t, i) e(i),  e(l) = e_scale * f(l) for l < L,
              e(L) = f(L) (unscaled). The final exit (the model's output) is always in.
              f (`exit_scale`): sum_l l(l+1)/2 (the paper's), linear_l l, sqrt_l sqrt(l), uniform 1.
+  distill    with `exit_distill` beta > 0 each non-final exit's CE becomes
+             (1 - beta) CE(exit_logits(h_l), y) + beta KL(p_L || p_l), p_L the final exit's
+             distribution held constant (stop-gradient): self-distillation toward the final layer,
+             which is what self-speculation's acceptance measures. Not in the LayerSkip paper.
   curricula  none: every exit; rotational(R): exit l when (l-1) mod R == t mod R;
              gradual: exit l once t/T >= 0.5 (L-l)/L (switched on top-down, all on by mid-training).
 
@@ -85,24 +89,39 @@ def exit_weights(num_layers: int, step: jax.Array, total_steps: int, e_scale: fl
 
 
 def early_exit_loss(params: Params, config: LlamaConfig, hidden: jax.Array, targets: jax.Array,
-                    weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """J = sum_l weights[l] * CE(exit_logits(hidden[l]), targets), one exit at a time.
+                    weights: jax.Array, distill: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """J = sum_l weights[l] * loss_l, one exit at a time; loss_l = CE(exit_logits(hidden[l]), targets),
+    or for non-final exits with `distill` beta > 0, (1 - beta) CE + beta KL(final || exit l).
 
     hidden [L, B, T, D] (state after each layer), targets [B, T]. Returns (J, per-exit mean CE [L],
-    per-exit accuracy [L]); both 0 for exits with zero weight, which are not computed.
+    per-exit accuracy [L]); both 0 for exits with zero weight, which are not computed. Distillation
+    adds one [B, T, V] array, the final exit's log-probabilities (the same size as one exit's logits).
     """
+    num_exits = hidden.shape[0]
+    betas = jnp.where(jnp.arange(num_exits) < num_exits - 1, distill, 0.0)
+    teacher = None
+    if distill > 0:
+        final = exit_logits(params, config, hidden[-1]).astype(jnp.float32)
+        teacher = jax.lax.stop_gradient(jax.nn.log_softmax(final, axis=-1))  # [B, T, V]
+
     @jax.checkpoint
-    def one_exit(h):
-        ce, correct = token_cross_entropy(exit_logits(params, config, h), targets)
-        return ce.mean(), correct.mean()
+    def one_exit(h, beta):
+        logits = exit_logits(params, config, h)
+        ce, correct = token_cross_entropy(logits, targets)
+        objective = ce
+        if teacher is not None:
+            student = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+            objective = (1.0 - beta) * ce + beta * kl
+        return objective.mean(), ce.mean(), correct.mean()
 
     def body(total, xs):
-        h, w = xs
+        h, w, beta = xs
         zero = jnp.zeros((), jnp.float32)
-        ce, acc = jax.lax.cond(w > 0, one_exit, lambda h: (zero, zero), h)
-        return total + w * ce, (ce, acc)
+        objective, ce, acc = jax.lax.cond(w > 0, one_exit, lambda h, b: (zero, zero, zero), h, beta)
+        return total + w * objective, (ce, acc)
 
-    total, (per_exit, accuracy) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights))
+    total, (per_exit, accuracy) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights, betas))
     return total, per_exit, accuracy
 
 
@@ -129,7 +148,7 @@ def make_loss(config: LlamaConfig, ls: LayerSkipSection, total_steps: int,
             ce, correct = token_cross_entropy(exit_logits(p, config, h), targets)
             return ce.mean(), {"accuracy": correct.mean()}
         weights = exit_weights(L, step, total_steps, ls.e_scale, ls.curriculum, ls.rotation, ls.exit_scale)
-        loss, per_exit, accuracy = early_exit_loss(p, config, hidden, targets, weights)
+        loss, per_exit, accuracy = early_exit_loss(p, config, hidden, targets, weights, ls.exit_distill)
         return loss, {"accuracy": accuracy[-1], "final_loss": per_exit[-1]}
 
     return loss_fn
