@@ -62,10 +62,13 @@ def memory_bound_costs(config: LlamaConfig, max_tokens: int) -> DecodeCosts:
 
 
 def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, max_tokens: int,
-                         cache_len: int = 256, iters: int = 16, repeats: int = 3) -> DecodeCosts:
-    """Time layer 0 (over a half-full KV cache) and the shared exit for 1..max_tokens tokens per
-    row, `iters` passes inside one compiled loop (no dispatch in the numbers), best of `repeats`.
-    Token counts between the measured ones (1, 2, 3, 4, 6, 8, 12, ...) are interpolated."""
+                         cache_len: int = 256, iters: int = 16, repeats: int = 3, layers: int = 1) -> DecodeCosts:
+    """Time one decoder layer (over a half-full KV cache) and the shared exit for 1..max_tokens
+    tokens per row, `iters` passes inside one compiled loop (no dispatch in the numbers), best of
+    `repeats`. Token counts between the measured ones (1, 2, 3, 4, 6, 8, 12, ...) are interpolated.
+
+    `layers` = n times layers [0, n) per pass and reports a n-th of it: with n = 1 one layer's
+    weights stay in cache between passes; n = L streams every layer's weights as decoding does."""
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     measured = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n < max_tokens} | {max_tokens})
     dim, start = config.hidden_size, cache_len // 2
@@ -88,7 +91,7 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
         @jax.jit
         def layer_loop(params, h, cache):
             def body(_, carry):
-                out, cache, _ = run_layers(params, config, carry[0], positions, carry[1], start=0, stop=1)
+                out, cache, _ = run_layers(params, config, carry[0], positions, carry[1], start=0, stop=layers)
                 return out, cache
             return jax.lax.fori_loop(0, iters, body, (h, cache))
 
@@ -99,7 +102,7 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
                 return h + (token[..., None] == 0).astype(h.dtype)
             return (jax.lax.fori_loop(0, iters, body, h),)
 
-        layer.append(timed(layer_loop, params, h, cache))
+        layer.append(timed(layer_loop, params, h, cache) / layers)
         head.append(timed(head_loop, params, h))
     grid = np.arange(1, max_tokens + 1)
     return DecodeCosts(layer=tuple(np.interp(grid, measured, layer)), head=tuple(np.interp(grid, measured, head)))

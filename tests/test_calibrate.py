@@ -56,6 +56,16 @@ def test_measured_costs_are_positive_and_a_layer_over_more_tokens_is_not_cheaper
     costs = measure_decode_costs(PARAMS, CONFIG, batch_size=2, max_tokens=5, cache_len=64, iters=4)
     assert len(costs.layer) == len(costs.head) == 5 and min(costs.layer + costs.head) > 0
     assert costs.layer[4] > 0.5 * costs.layer[0]  # generous: timings are noisy, ordering is not the point
+    streamed = measure_decode_costs(PARAMS, CONFIG, batch_size=1, max_tokens=2, cache_len=64, iters=2,
+                                    layers=CONFIG.num_hidden_layers)  # every layer, reported per layer
+    assert len(streamed.layer) == 2 and min(streamed.layer + streamed.head) > 0
+
+
+def test_verify_cost_benchmark_reports_every_batch_and_token_count():
+    from benchmarks.verify_cost import cost_rows
+    rows = cost_rows("tiny", max_tokens=2, batch_sizes=(1, 2))
+    assert [(r[0], r[1]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(r[3] == 1.0 and r[4] == 1.0 for r in rows if r[1] == 1)  # T = 1 is the unit
 
 
 def test_replayed_rounds_equal_the_rounds_of_real_self_speculation():
