@@ -67,8 +67,9 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
     tokens per row, `iters` passes inside one compiled loop (no dispatch in the numbers), best of
     `repeats`. Token counts between the measured ones (1, 2, 3, 4, 6, 8, 12, ...) are interpolated.
 
-    `layers` = n times layers [0, n) per pass and reports a n-th of it: with n = 1 one layer's
-    weights stay in cache between passes; n = L streams every layer's weights as decoding does."""
+    With `layers` = n each pass runs layers [0, n) and a layer costs the pass time / n: with n = 1
+    the layer's weights stay in the CPU caches between passes; n = L streams every layer's weights
+    from memory, as decoding does."""
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     measured = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n < max_tokens} | {max_tokens})
     dim, start = config.hidden_size, cache_len // 2

@@ -10,8 +10,9 @@ Formulas (DESIGN.md section 4; L layers, step t of T, layers 0-based, exits 1-ba
              f (`exit_scale`): sum_l l(l+1)/2 (the paper's), linear_l l, sqrt_l sqrt(l), uniform 1.
   distill    with `exit_distill` beta > 0 each non-final exit's CE becomes
              (1 - beta) CE(exit_logits(h_l), y) + beta KL(p_L || p_l), p_L the final exit's
-             distribution held constant (stop-gradient): self-distillation toward the final layer,
-             which is what self-speculation's acceptance measures. Not in the LayerSkip paper.
+             distribution held constant (stop-gradient): self-distillation toward the final layer.
+             Not in the LayerSkip paper. Measured (BENCHMARKS.md): more held-out agreement, but
+             less acceptance along the model's greedy output and a higher loss; off by default.
   curricula  none: every exit; rotational(R): exit l when (l-1) mod R == t mod R;
              gradual: exit l once t/T >= 0.5 (L-l)/L (switched on top-down, all on by mid-training).
 
