@@ -209,7 +209,7 @@ def main() -> None:
                                         "(flags of benchmarks.layerskip_model apply)")
     parser.add_argument("--quick", action="store_true", help="short smoke run (nothing appended)")
     parser.add_argument("--no-append", action="store_true")
-    parser.add_argument("--reuse", action="store_true", help="take finished training runs in --out as they are")
+    parser.add_argument("--reuse", action="store_true", help="take finished training runs in --out if their config trains the same")
     parser.add_argument("--draft-vocab", type=int, help="also sweep drafting over token ids [0, K) only")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the acceptance-1 ceiling (it depends on "
                                                                   "the model's shape and the machine, not its training)")
