@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import append_report, markdown_table
+from benchmarks.report import append_report, command_line, markdown_table
 from inference.calibrate import choose_exit_and_draft
 from inference.engine import generate_batches
 from inference.speculative import SpecConfig
@@ -220,11 +220,8 @@ def main() -> None:
                       ceiling=not args.no_ceiling)
     print(body)
     if not (args.quick or args.no_append):
-        cmd = "python -m benchmarks.layerskip" + (f" --steps {args.steps}" if args.steps else "") + (
-            " --reuse" if args.reuse else "") + (f" --draft-vocab {args.draft_vocab}" if args.draft_vocab else "") + (
-            f" --out {args.out}" if args.out != parser.get_default("out") else "") + (
-            " --no-ceiling" if args.no_ceiling else "")
-        append_report("LayerSkip: training quality and self-speculative decoding (CPU)", cmd, body)
+        append_report("LayerSkip: training quality and self-speculative decoding (CPU)",
+                      command_line("benchmarks.layerskip"), body)
 
 
 if __name__ == "__main__":

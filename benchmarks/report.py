@@ -6,6 +6,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -75,6 +76,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """The command that ran this benchmark, flags as given (sys.argv when argv is None), for its report."""
+    return " ".join(["python -m", module, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def append_report(title: str, command: str, body: str) -> None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import append_report, best_seconds, markdown_table, median_seconds
+from benchmarks.report import append_report, command_line, best_seconds, markdown_table, median_seconds
 from jaxmodels.config import LlamaConfig
 from jaxmodels.model import init_params
 from training.config import OptimizerSection, ScheduleSection, load_config
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     body = run(shapes, steps, args.quick, not args.no_torch)
     print(body)
     if not args.no_append and not args.quick:
-        command = "python -m benchmarks.train_step " + " ".join(argv if argv is not None else sys.argv[1:])
-        append_report("Training step: tokens/s and MFU, jaxmodels vs PyTorch", command.strip(), body)
+        append_report("Training step: tokens/s and MFU, jaxmodels vs PyTorch",
+                      command_line("benchmarks.train_step", argv), body)
     return 0
 
 

@@ -19,7 +19,7 @@ import argparse
 
 import jax
 
-from benchmarks.report import append_report, markdown_table
+from benchmarks.report import append_report, command_line, markdown_table
 from benchmarks.train_step import model_config
 from inference.calibrate import measure_decode_costs
 from jaxmodels.model import init_params
@@ -52,9 +52,8 @@ def main() -> None:
                               "layer vs T=1 (cached)", "exit vs T=1"], rows))
     print(body)
     if not args.no_append:
-        cmd = "python -m benchmarks.verify_cost" + (f" --preset {args.preset}" if args.preset != "default" else "") + (
-            f" --max-tokens {args.max_tokens}" if args.max_tokens != 8 else "")
-        append_report("Verification cost: a decoder layer over T tokens per row (CPU)", cmd, body)
+        append_report("Verification cost: a decoder layer over T tokens per row (CPU)",
+                      command_line("benchmarks.verify_cost"), body)
 
 
 if __name__ == "__main__":
