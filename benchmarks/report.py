@@ -83,16 +83,60 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     return " ".join(["python -m", module, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
-def append_report(title: str, command: str, body: str) -> None:
-    """Append one dated section (command, machine, versions, body) to BENCHMARKS.md."""
+HISTORY_DIR = BENCHMARKS_MD.parent / "benchmarks" / "history"
+_PREAMBLE = ("# Benchmarks\n\nThe current state: one section per benchmark, the latest run of each, written by "
+             "its script under `benchmarks/` with the command, machine and versions. A new run replaces "
+             "its section; the tables it replaces move to `benchmarks/history/` (one file per "
+             "benchmark, newest first).\n")
+
+
+def history_path(title: str) -> Path:
+    """benchmarks/history/<slug>.md for a section title: the words before its first ':'."""
+    head = title.split(":", 1)[0].lower()
+    slug = "".join(c if c.isalnum() else "-" for c in head).strip("-")
+    return HISTORY_DIR / f"{'-'.join(filter(None, slug.split('-')))}.md"
+
+
+def split_sections(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(preamble, [(title, section text)]) of a markdown file whose sections start with '## '."""
+    parts = ("\n" + text).split("\n## ")
+    sections = []
+    for part in parts[1:]:
+        title = part.split("\n", 1)[0].strip()
+        sections.append((title, "## " + part.rstrip("\n") + "\n"))
+    return parts[0].lstrip("\n"), sections
+
+
+def move_to_history(title: str, section: str) -> None:
+    """Put a replaced section on top of its benchmark's history file."""
+    path = history_path(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = f"# History: {title}\n\nEarlier runs of this BENCHMARKS.md section, newest first.\n"
+    old = path.read_text().split("\n", 3)[3].lstrip("\n") if path.exists() else ""
+    path.write_text(header + "\n" + section + ("\n" + old if old else ""))
+
+
+def publish_report(title: str, command: str, body: str) -> None:
+    """Write one dated section (command, machine, versions, body) into BENCHMARKS.md, replacing the
+    section of the same title (which moves to benchmarks/history/)."""
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = (f"\n## {title} ({stamp})\n\n- command: `{command}`\n- machine: {machine_line()}\n"
-               f"- versions: {versions_line()}\n\n{body}\n")
-    if not BENCHMARKS_MD.exists():
-        BENCHMARKS_MD.write_text("# Benchmarks\n\nEvery table here was appended by a script under "
-                                 "`benchmarks/`; the command that produced it is listed with it.\n")
-    with BENCHMARKS_MD.open("a") as f:
-        f.write(section)
+    section = (f"## {title}\n\n- date: {stamp}\n- command: `{command}`\n- machine: {machine_line()}\n"
+               f"- versions: {versions_line()}\n\n{body.strip()}\n")
+    preamble, sections = split_sections(BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "")
+    out, replaced = [], False
+    for old_title, text in sections:
+        if old_title == title:
+            move_to_history(title, text)
+            out.append(section)
+            replaced = True
+        else:
+            out.append(text)
+    if not replaced:
+        out.append(section)
+    BENCHMARKS_MD.write_text((preamble.strip() or _PREAMBLE.strip()) + "\n\n" + "\n".join(out))
+
+
+append_report = publish_report  # old name, until every benchmark calls publish_report
 
 
 def parse_decode_flags(parser, new_tokens: int):
