@@ -1,0 +1,22 @@
+"""BENCHMARKS.md keeps one section per benchmark: a new run replaces it, the old one goes to history."""
+
+from benchmarks import report
+
+
+def test_a_run_replaces_its_section_and_moves_the_old_one_to_history(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(report, "HISTORY_DIR", tmp_path / "history")
+    report.publish_report("Decode: model A (CPU)", "python -m benchmarks.decode", "| run | 1 |")
+    report.publish_report("Training step: B", "python -m benchmarks.train_step", "| step | 1 |")
+    report.publish_report("Decode: model A (CPU)", "python -m benchmarks.decode --repeats 5", "| run | 2 |")
+    report.publish_report("Decode: model A (CPU)", "python -m benchmarks.decode --repeats 7", "| run | 3 |")
+
+    current = (tmp_path / "BENCHMARKS.md").read_text()
+    assert current.count("## Decode: model A (CPU)") == 1 and current.count("## Training step: B") == 1
+    assert "| run | 3 |" in current and "| run | 1 |" not in current and "| run | 2 |" not in current
+    assert current.index("## Decode") < current.index("## Training step")  # replaced in place
+    history = (tmp_path / "history" / "decode.md").read_text()
+    assert history.startswith("# History: Decode: model A (CPU)")
+    assert history.index("| run | 2 |") < history.index("| run | 1 |")  # newest first
+    assert history.count("## Decode: model A (CPU)") == 2
+    assert not (tmp_path / "history" / "training-step.md").exists()
