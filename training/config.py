@@ -88,6 +88,7 @@ class ScheduleSection:
     warmup_steps: int = 50
     decay: str = "cosine"  # "cosine" | "constant"
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    total_steps: int = 0  # length of the decay (and LayerSkip schedules); 0 = run.steps (see schedule_steps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -386,22 +387,10 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Checks that need more than one field's type."""
-    r, o = cfg.run, cfg.optimizer
-    for key in ("run.steps", "run.batch_size", "run.seq_len", "run.log_every", "optimizer.grad_accum",
-                "data.vocab_size", "checkpoint.keep", "checkpoint.every"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"'{key}' must be positive, got {getattr(getattr(cfg, section), name)}")
-    if r.batch_size % o.grad_accum:
-        raise ConfigError(f"run.batch_size ({r.batch_size}) must be a multiple of optimizer.grad_accum "
-                          f"({o.grad_accum})")
-    if cfg.model.compute_dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.compute_dtype must be 'float32' or 'bfloat16', got '{cfg.model.compute_dtype}'")
-    if cfg.schedule.decay not in ("cosine", "constant"):
-        raise ConfigError(f"schedule.decay must be 'cosine' or 'constant', got '{cfg.schedule.decay}'")
-    if not 0.0 < cfg.data.heldout_percent < 100.0:  # held-out loss is part of every run
-        raise ConfigError(f"data.heldout_percent must be in (0, 100), got {cfg.data.heldout_percent}")
+    """Ranges of every numeric key, cross-field rules, the model shape (`training.validation`)."""
+    from training.validation import validate as check  # it imports this module
+
+    check(cfg)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -423,11 +412,34 @@ RESUME_SAFE_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.eval_ev
                     "run.decode_report", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
 
 
-def training_differences(saved: TrainConfig, cfg: TrainConfig) -> list[str]:
+def schedule_steps(cfg: TrainConfig) -> int:
+    """Length of the learning-rate decay and of LayerSkip's schedules: `schedule.total_steps`, else `run.steps`."""
+    return cfg.schedule.total_steps or cfg.run.steps
+
+
+def resume_config(saved: TrainConfig, cfg: TrainConfig) -> TrainConfig:
+    """The config a run resumed from `saved` trains with. **Extending a run** (a larger `run.steps`,
+    also after it finished) or stopping it earlier keeps the schedules of the run as it started:
+    unless set explicitly, `schedule.total_steps` is pinned to the saved run's schedule length (and
+    written to RUN_DIR/config.yaml), so the steps already trained keep their learning rates, the
+    resumed run matches the saved one step for step, and steps beyond the old end train at the
+    schedule's final value (`min_lr_ratio * lr` for cosine, `lr` for constant; LayerSkip's dropout and
+    curricula stay at their end too). To re-plan the decay instead, start a new run."""
+    if cfg.schedule.total_steps == 0 and schedule_steps(saved) != cfg.run.steps:
+        return apply_overrides(cfg, {"schedule.total_steps": schedule_steps(saved)})
+    return cfg
+
+
+def training_differences(saved: TrainConfig, cfg: TrainConfig, *, extending: bool = False) -> list[str]:
     """'key: saved -> new' for every key where the configs would train differently: keys outside
-    RESUME_SAFE_KEYS, and a LayerSkip section's fields only while it is switched on."""
+    RESUME_SAFE_KEYS, and a LayerSkip section's fields only while it is switched on. With `extending`
+    (a resume), `run.steps` may differ and the schedules' lengths (`schedule_steps`) are compared."""
     def trained_as(c: TrainConfig) -> dict[str, Any]:
-        return flatten(to_dict(c if c.layerskip.enabled else dataclasses.replace(c, layerskip=LayerSkipSection())))
+        flat = flatten(to_dict(c if c.layerskip.enabled else dataclasses.replace(c, layerskip=LayerSkipSection())))
+        if extending:
+            flat["schedule.total_steps"] = schedule_steps(c)
+            del flat["run.steps"]
+        return flat
 
     old, new = trained_as(saved), trained_as(cfg)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in new

@@ -59,6 +59,8 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:  # a few stdlib test fixtures are deliberately not UTF-8
         return None
+    except OSError as err:  # unreadable (permissions, a broken link): say which file
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _stdlib_documents(include_tests: bool) -> list[tuple[str, str]]:
@@ -89,21 +91,33 @@ def _folder_documents(root: Path, extensions: tuple[str, ...]) -> list[tuple[str
     return docs
 
 
+def _jsonl_line(path: Path, n: int, raw: bytes) -> dict:
+    """One parsed line of a .jsonl corpus; DataError naming the file and line if it is not {"text": str}."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{n} is not UTF-8 text (byte {err.start}); a .jsonl corpus holds one "
+                        f'{{"text": "..."}} JSON object per line') from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{n} is not valid JSON ({err}); each line must be "
+                        f'{{"text": "..."}}') from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise DataError(f'{path}:{n} has no string field "text"; each line must be {{"text": "..."}}')
+    return record
+
+
 def _jsonl_documents(path: Path) -> list[tuple[str, str]]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n} is not valid JSON ({err}); each line must be "
-                                f'{{"text": "..."}}') from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}:{n} has no string field "text"; each line must be {{"text": "..."}}')
-            if record["text"]:
-                docs.append((f"line-{n}", record["text"]))
+    try:
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                record = _jsonl_line(path, n, raw)
+                if record["text"]:
+                    docs.append((f"line-{n}", record["text"]))
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
     return docs
 
 

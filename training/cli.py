@@ -1,0 +1,149 @@
+"""The training CLI: one validation boundary, one line per error, documented exit codes.
+
+`python -m training.train` parses its arguments here. Every user-supplied value is checked where it
+enters (types, ranges, non-finite numbers, the model shape: `training.validation`), keys that the
+chosen mode would ignore are refused, and every expected failure prints one line `error: ...`:
+
+    0    done (or --check / --help-keys passed)
+    2    a user error: bad argument, config, data, checkpoint, RUN_DIR in use by another run
+    3    training diverged (NaN/Inf loss or gradient norm); nothing exported
+    130  SIGINT (Ctrl-C), after a checkpoint at the next step boundary (a second Ctrl-C: at once)
+    143  SIGTERM (preemption), after a checkpoint at the next step boundary
+
+`--check` validates the whole command without loading data or building arrays: the config and model
+shape, keys without effect, RUN_DIR (not a file, not locked, resumable with this config), and that
+`data.source` and `init_from` exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from jaxmodels.config import ConfigError as ModelConfigError
+from jaxmodels.convert.hf import CheckpointError
+from training.checkpoint import CheckpointMismatchError
+from training.config import ConfigError, TrainConfig, load_config, parse_overrides, preset_names, valid_keys
+from training.corpus import DataError
+from training.interrupt import Interrupted
+from training.metrics import DivergenceError
+from training.validation import get, ineffective_keys
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, ModelConfigError)
+EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage + error
+        print(f"error: {message} (see python -m training.train --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from training import train as train_module
+
+    p = _Parser(prog="python -m training.train", description=train_module.__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"presets: {', '.join(preset_names())}\n\n{__doc__.split(chr(10) * 2, 1)[1]}")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="a preset name from training/presets (default: 'default')")
+    src.add_argument("--config", help="a YAML config file (same layout as the presets)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    mode.add_argument("--check", action="store_true", help="validate everything, load no data, train nothing")
+    mode.add_argument("--help-keys", action="store_true", help="list every config key with its value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.steps=100 model.remat=true")
+    return p
+
+
+def print_keys(cfg: TrainConfig) -> None:
+    for key in valid_keys():
+        print(f"{key} = {get(cfg, key)!r}")
+
+
+def check(cfg: TrainConfig) -> None:
+    """--check: what can be validated without reading data or building arrays (ConfigError/DataError)."""
+    from training import train as train_module
+    from training.runlock import LOCK_NAME, RunLock, read_holder
+
+    run_dir = Path(cfg.run.out_dir).expanduser()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.out_dir '{cfg.run.out_dir}' is a file, not a folder; choose another run.out_dir")
+    if cfg.data.source != "stdlib" and not Path(cfg.data.source).expanduser().exists():
+        raise DataError(f"data path '{cfg.data.source}' does not exist")
+    if cfg.init_from and cfg.init_from.lower() not in ("smollm2", "smollm2-135m-instruct") \
+            and not Path(cfg.init_from).expanduser().exists():
+        raise ConfigError(f"init_from '{cfg.init_from}' does not exist")
+    if (run_dir / LOCK_NAME).exists():
+        with RunLock(run_dir, note=lambda _: None) as lock:  # refused if a run holds it
+            lock.release()
+        if read_holder(run_dir / LOCK_NAME):
+            print(f"note: {run_dir / LOCK_NAME} was left by a run that ended without releasing it")
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit())
+    if steps and cfg.checkpoint.enabled:
+        train_module.check_resumable(cfg, run_dir, steps[-1])
+        print(f"{run_dir} has checkpoints up to step {steps[-1]}: this command resumes from there")
+    print(f"ok: config valid; {cfg.run.steps} steps of {cfg.run.batch_size} x {cfg.run.seq_len} tokens "
+          f"into {run_dir}")
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from training.train import train
+
+    cfg = load_config(args.preset, args.config, args.overrides)
+    if args.help_keys:
+        print_keys(cfg)
+        return 0
+    ignored = ineffective_keys(cfg, list(parse_overrides(args.overrides)), args.resume)
+    if ignored:
+        raise ConfigError("these settings have no effect here, remove them: " + "; ".join(ignored))
+    if args.check:
+        check(cfg)
+        return 0
+    try:
+        train(cfg, resume=args.resume)
+    except Interrupted as stop:
+        print(f"{stop}", file=sys.stderr)
+        if stop.saved:
+            print(f"to resume: python -m training.train {shlex.join(argv)}", file=sys.stderr)
+        return stop.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, validate, train; every expected failure is one `error: ...` line and an exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
+        return int(exit_.code or 0)
+    try:
+        return _run(args, argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except MemoryError:
+        print("error: out of memory; lower run.batch_size, run.seq_len or the model size", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; the run can be resumed from its last checkpoint by the same command",
+              file=sys.stderr)
+        return EXIT_SIGINT
+
+
+def run_as_script() -> NoReturn:
+    """`python -m training.train`: exit with main's code; after a second Ctrl-C without waiting for
+    background threads (an unfinished checkpoint save is discarded on the next start)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == EXIT_SIGINT:
+        os._exit(code)
+    sys.exit(code)

@@ -1,0 +1,65 @@
+"""Preemption and Ctrl-C: stop at the next step boundary with a checkpoint, then exit.
+
+SIGTERM is how Cloud TPU, Kubernetes, Slurm and most schedulers announce preemption; SIGINT is
+Ctrl-C. While the training loop runs (`StopSignals` is installed only around it and the previous
+handlers are restored afterwards), the first of either signal only records a request; the loop then
+finishes the step it is in, writes the metrics, saves a checkpoint (when `checkpoint.enabled`; with
+checkpoints off nothing is saved and the message says so) and raises `Interrupted`. The CLI prints how
+to resume and exits with 128 + the signal number: **130** for SIGINT, **143** for SIGTERM (the shell
+convention). A second signal while the first is being handled raises `KeyboardInterrupt` at once
+(exit 130, without a checkpoint). Outside the loop (loading data, compiling, the final evaluation)
+SIGINT raises `KeyboardInterrupt` as usual and SIGTERM terminates as usual: no training step is lost
+that was not already lost since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal at a step boundary (after saving a checkpoint when enabled)."""
+
+    def __init__(self, signum: int, step: int, saved: bool, run_dir: str):
+        self.signum, self.step, self.saved, self.run_dir = signum, step, saved, run_dir
+        what = (f"saved a checkpoint at step {step} in {run_dir}" if saved else
+                f"nothing saved at step {step}: checkpoint.enabled is false, so this run cannot be resumed")
+        super().__init__(f"stopped by {SIGNAL_NAMES.get(signum, signum)} after step {step}; {what}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
+class StopSignals:
+    """`with StopSignals() as stop:` ... `if stop.requested: ...` (see the module docstring).
+
+    A no-op outside the main thread, where Python cannot install signal handlers.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested is not None:  # the second signal: quit now
+            raise KeyboardInterrupt
+        self.requested = signum
+        print(f"\n{SIGNAL_NAMES.get(signum, signum)}: saving a checkpoint at the end of this step, then "
+              f"exiting (send it again to quit at once without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNAL_NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
