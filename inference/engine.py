@@ -18,6 +18,9 @@ import numpy as np
 
 from inference.sampling import SamplingConfig, select_token
 from inference.speculative import SpecConfig, speculative_loop
+from inference.validate import (check_batch_size, check_context, check_early_exit,
+                                check_eos_ids, check_max_new_tokens, check_params, check_prompts,
+                                check_sampling, check_seed, check_spec)
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
@@ -73,24 +76,39 @@ def shape_bucket(max_prompt_len: int, max_new_tokens: int) -> tuple[int, int, in
     return prompt_bucket, cache_len, out_len
 
 
-def validate_request(config: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
-    """Raise ValueError naming the problem and the fix for a request that cannot run."""
-    if not prompts:
-        raise ValueError("no prompts given: pass at least one prompt (a list of token ids)")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. the BOS token)")
-        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size}): {bad[:5]}; "
-                             f"was it encoded with this model's tokenizer?")
-        if len(p) + max_new_tokens > config.max_position_embeddings:
-            raise ValueError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
-                f"model's context of {config.max_position_embeddings} tokens. Shorten the prompt or "
-                f"lower max_new_tokens to at most {max(config.max_position_embeddings - len(p), 0)}.")
+def validate_request(config: LlamaConfig, prompts: Any, max_new_tokens: Any) -> list[list[int]]:
+    """The prompts as lists of ints, or InferenceError naming the problem and the fix (see
+    `inference.validate`)."""
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    prompts = check_prompts(prompts, config.vocab_size)
+    check_context(prompts, max_new_tokens, config)
+    return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One checked, normalized `generate` request (plain Python values only)."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    seed: int
+    eos_ids: tuple[int, ...]
+    speculative: SpecConfig | None
+    early_exit: int | None
+
+
+def check_request(params: Params, config: LlamaConfig, prompts: Any, max_new_tokens: Any, *,
+                  temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, seed: Any = 0,
+                  eos_token_ids: Any = None, speculative: Any = None, early_exit: Any = None) -> Request:
+    """Every argument of `generate` checked and normalized, before any computation."""
+    check_params(params, config)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p, config.vocab_size)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    prompts = validate_request(config, prompts, max_new_tokens)
+    return Request(prompts, max_new_tokens, SamplingConfig(temperature, top_k, top_p), check_seed(seed),
+                   check_eos_ids(eos_token_ids, config), check_spec(speculative, config),
+                   check_early_exit(early_exit, config, speculative))
 
 
 # ------------------------------------------------------------------------- compiled pieces
@@ -152,14 +170,19 @@ def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Arra
 
 # ------------------------------------------------------------------------- AOT compile cache
 _COMPILED: dict[Any, Any] = {}
+Progress = Callable[[str], None]
 
 
-def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *args) -> tuple[Any, float]:
-    """Compile fn for these argument shapes once (memoized); returns (executable, compile seconds)."""
+def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *args,
+              progress: Progress | None = None) -> tuple[Any, float]:
+    """Compile fn for these argument shapes once (memoized); returns (executable, compile seconds).
+    `progress` hears about a compilation before it starts (it can take many seconds)."""
     shapes = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), args)
     key = (name, tuple(sorted(static.items())), str(shapes))
     if key in _COMPILED:
         return _COMPILED[key], 0.0
+    if progress is not None:
+        progress(f"compiling the {name} program for this shape (first call only) ...")
     t0 = time.perf_counter()
     jitted = jax.jit(lambda *a: fn(*a, **static), donate_argnums=donate)
     exe = jitted.lower(*args).compile()
@@ -170,31 +193,31 @@ def _compiled(name: str, fn: Callable, static: dict, donate: tuple[int, ...], *a
 def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int]],
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
-             speculative: SpecConfig | None = None, early_exit: int | None = None
-             ) -> GenerationResult:
+             speculative: SpecConfig | None = None, early_exit: int | None = None,
+             progress: Progress | None = None) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0).
 
     With `speculative`, decode by LayerSkip self-speculation (same tokens as plain greedy decoding;
     the same distribution when sampling) and report acceptance in the result. With `early_exit=E`,
-    run only layers [0, E) and the shared exit (lossy, no verification).
+    run only layers [0, E) and the shared exit (lossy, no verification). Every argument is checked
+    first (`check_request`; InferenceError, a ValueError, on a bad one); `seed` is in [0, 2**32).
+    `progress(message)` is called before each compilation.
     """
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    validate_request(config, prompts, max_new_tokens)
-    if speculative is not None:
-        speculative.validate(config)
-    if early_exit is not None:
-        if speculative is not None:
-            raise ValueError("early_exit and speculative are alternatives: pass one of them")
-        if not 1 <= early_exit <= config.num_hidden_layers:
-            raise ValueError(f"early_exit must be in [1, {config.num_hidden_layers}], got {early_exit}")
-    eos_ids = tuple(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    req = check_request(params, config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, eos_token_ids=eos_token_ids, speculative=speculative,
+                        early_exit=early_exit)
+    return _generate(params, config, req, progress)
+
+
+def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progress | None) -> GenerationResult:
+    prompts, speculative, early_exit = req.prompts, req.speculative, req.early_exit
     lengths_np = np.array([len(p) for p in prompts], np.int32)
     # Self-speculation prefills all but the last prompt token (it is the first round's pending
     # token) and may write up to draft_len positions past the last committed one.
     held_back = 1 if speculative is not None else 0
     extra = speculative.draft_len + 1 if speculative is not None else 0
-    prompt_bucket, _, out_len = shape_bucket(int(lengths_np.max()), max_new_tokens)
-    _, cache_len, _ = shape_bucket(int(lengths_np.max()), max_new_tokens + extra)
+    prompt_bucket, _, out_len = shape_bucket(int(lengths_np.max()), req.max_new_tokens)
+    _, cache_len, _ = shape_bucket(int(lengths_np.max()), req.max_new_tokens + extra)
     tokens_np = np.zeros((len(prompts), prompt_bucket), np.int32)
     for i, p in enumerate(prompts):
         tokens_np[i, : len(p)] = p
@@ -206,22 +229,23 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     cache = KVCache.create(config, len(prompts), cache_len, dtype)
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),
-                                params, tokens, lengths, cache)
+                                params, tokens, lengths, cache, progress=progress)
     t0 = time.perf_counter()
     cache, logits = run_prefill(params, tokens, lengths, cache)
     logits.block_until_ready()
     t_prefill = time.perf_counter() - t0
 
-    runtime = (jax.random.key(seed), jnp.int32(max_new_tokens), jnp.float32(max(temperature, 1e-6)),
-               jnp.float32(top_p))
-    static = {"config": config, "sampling": sampling, "eos_ids": eos_ids, "out_len": out_len}
+    sampling = req.sampling
+    runtime = (jax.random.key(req.seed), jnp.int32(req.max_new_tokens),
+               jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
+    static = {"config": config, "sampling": sampling, "eos_ids": req.eos_ids, "out_len": out_len}
     if speculative is None:
         loop, args, static = decode_loop, (params, cache, logits, *runtime), {**static, "stop": early_exit}
     else:
         pending = jnp.asarray(lengths_np - 1)  # index of each row's last prompt token
         pending = jnp.take_along_axis(tokens, pending[:, None], axis=1)[:, 0]
         loop, args, static = speculative_loop, (params, cache, pending, *runtime), {**static, "spec": speculative}
-    run_decode, c2 = _compiled(loop.__name__, loop, static, (), *args)
+    run_decode, c2 = _compiled(loop.__name__, loop, static, (), *args, progress=progress)
     t0 = time.perf_counter()
     outputs = jax.device_get(run_decode(*args))
     t_decode = time.perf_counter() - t0
@@ -239,13 +263,14 @@ def generate_batches(params: Params, config: LlamaConfig, prompts: Sequence[Sequ
                      batch_size: int, max_new_tokens: int = 64, **kwargs) -> GenerationResult:
     """`generate` over consecutive groups of `batch_size` prompts (the last may be smaller), as one
     result: rows in prompt order, times and speculation counters summed. Batch-1 speed over many
-    prompts is what a service sees; one prompt alone says more about that prompt than the decoder."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    validate_request(config, prompts, max_new_tokens)  # every group's problem, before any group runs
+    prompts is what a service sees; one prompt alone says more about that prompt than the decoder.
+    Every argument is checked once, before any group runs."""
+    batch_size = check_batch_size(batch_size)
+    progress = kwargs.pop("progress", None)
+    req = check_request(params, config, prompts, max_new_tokens, **kwargs)
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))  # once, not per group
-    parts = [generate(params, config, prompts[i: i + batch_size], max_new_tokens, **kwargs)
-             for i in range(0, len(prompts), batch_size)]
+    parts = [_generate(params, config, dataclasses.replace(req, prompts=req.prompts[i: i + batch_size]), progress)
+             for i in range(0, len(req.prompts), batch_size)]
     first = parts[0]
     total = lambda field: sum(getattr(r, field) for r in parts)  # noqa: E731
     return GenerationResult(

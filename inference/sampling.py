@@ -24,12 +24,14 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 = off
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        """Check and normalize (numpy scalars -> Python numbers; NaN, inf and bools rejected) so
+        that the config hashes as a plain value when it keys a compiled program."""
+        from inference.validate import check_sampling
+
+        temperature, top_k, top_p = check_sampling(self.temperature, self.top_k, self.top_p)
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
 
     @property
     def greedy(self) -> bool:

@@ -41,18 +41,12 @@ class SpecConfig:
     count_visits: bool = False  # record per-position layer visits in SpecStats (tests; costs time)
     draft_vocab: int | None = None  # draft over token ids [0, K) only: a K/V-sized draft head
 
-    def validate(self, config: LlamaConfig) -> None:
-        if not 1 <= self.exit_layer < config.num_hidden_layers:
-            raise ValueError(f"exit_layer must be in [1, {config.num_hidden_layers - 1}] for a "
-                             f"{config.num_hidden_layers}-layer model, got {self.exit_layer}")
-        if not 1 <= self.draft_len <= 32:
-            raise ValueError(f"draft_len must be in [1, 32], got {self.draft_len}")
-        if self.draft_vocab is not None and not 1 <= self.draft_vocab <= config.vocab_size:
-            raise ValueError(f"draft_vocab must be in [1, {config.vocab_size}] (the vocabulary size), "
-                             f"got {self.draft_vocab}")
-        if self.start_draft_len is not None and not 1 <= self.start_draft_len <= self.draft_len:
-            raise ValueError(f"start_draft_len must be in [1, draft_len={self.draft_len}], "
-                             f"got {self.start_draft_len}")
+    def validate(self, config: LlamaConfig) -> "SpecConfig":
+        """This config checked against the model (InferenceError if out of range), with plain-int
+        fields; `generate` calls it through `inference.validate.check_spec`."""
+        from inference.validate import check_spec
+
+        return check_spec(self, config)
 
 
 class SpecStats(NamedTuple):
