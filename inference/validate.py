@@ -21,6 +21,7 @@ from jaxmodels.config import LlamaConfig
 
 SEED_LIMIT = 2 ** 32  # jax.random.key(2**32) == key(0) and negative seeds alias large ones
 MAX_DRAFT_LEN = 32
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 ENCODE_HINT = "encode it first with tokenizer.encode(...)"
 
 
@@ -55,7 +56,7 @@ def as_float(name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise InferenceError(f"{name} must be a number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or not math.isfinite(float(np.float32(value))):
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         raise InferenceError(f"{name} must be a finite number, got {value!r}")
     return value
 
@@ -185,8 +186,20 @@ def check_spec(spec: Any, config: LlamaConfig) -> Any:
                                adaptive=bool(spec.adaptive), count_visits=bool(spec.count_visits))
 
 
+def _stacked_view(params: dict) -> dict | None:
+    """Per-layer params (see `unstack_layers`) as shape-only stacked ones, or None if they are not
+    uniform per-layer dicts of arrays (for a `check_param_shapes` that knows the stacked layout only)."""
+    layers = params.get("layers")
+    if not isinstance(layers, (tuple, list)) or not layers or not all(isinstance(x, dict) for x in layers):
+        return None
+    first = layers[0]
+    if any(set(x) != set(first) or any(np.shape(x[k]) != np.shape(first[k]) for k in first) for x in layers):
+        return None
+    return {**params, "layers": {k: SimpleNamespace(shape=(len(layers), *np.shape(v))) for k, v in first.items()}}
+
+
 def check_params(params: Any, config: Any) -> None:
-    """The config is a LlamaConfig and the weights have its shapes (stacked or unstacked layers)."""
+    """The config is a LlamaConfig and the weights have its shapes (any layout the model runs)."""
     from jaxmodels.model import check_param_shapes
 
     if not isinstance(config, LlamaConfig):
@@ -194,20 +207,18 @@ def check_params(params: Any, config: Any) -> None:
     if not isinstance(params, dict) or "layers" not in params:
         raise InferenceError(f"params must be the model's parameter dict (from load_model or "
                              f"init_params), got {type(params).__name__}")
-    layers = params["layers"]
-    if isinstance(layers, (tuple, list)):  # unstacked (see unstack_layers): check as if stacked
-        if not layers or any(set(layer) != set(layers[0]) for layer in layers):
-            raise InferenceError("params['layers'] must hold one dict of the same weights per layer")
-        if any(np.shape(layer[k]) != np.shape(layers[0][k]) for layer in layers for k in layer):
-            raise InferenceError("params['layers']: the layers' weights differ in shape")
-        stacked = {k: SimpleNamespace(shape=(len(layers), *np.shape(v))) for k, v in layers[0].items()}
-        params = {**params, "layers": stacked}
     try:
-        check_param_shapes(config, params)
+        try:
+            check_param_shapes(config, params)
+        except ValueError:
+            view = _stacked_view(params)
+            if view is None:
+                raise
+            check_param_shapes(config, view)
     except ValueError as err:
         raise InferenceError(str(err)) from err
-    except (AttributeError, TypeError) as err:
-        raise InferenceError(f"params hold something that is not an array: {err}") from err
+    except (AttributeError, TypeError, KeyError, IndexError) as err:
+        raise InferenceError(f"params do not have the model's layout: {err!r}") from err
 
 
 def check_batch_size(batch_size: Any) -> int:
