@@ -29,6 +29,7 @@ from inference.engine import generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
+from jaxmodels.weights import WEIGHTS
 from training.config import TrainConfig, load_config, training_differences
 from training.data import prepare_data
 from training.layerskip import evaluate_exits, exit_eval_sums
@@ -121,11 +122,12 @@ def decode_sweep(params, config, prompts: list[list[int]], calibration: list[lis
 
 
 def without_deep_layers(params, exit_layer: int):
-    """A copy whose layers [E, L) add nothing to the residual stream (attention output and MLP down
-    projections zeroed): the exit-E draft then always equals the verifier's token (acceptance 1)
+    """A copy whose layers [E, L) add nothing to the residual stream (the weights the table marks
+    `residual`, attention output and MLP down projections, zeroed): the exit-E draft then always equals the verifier's token (acceptance 1)
     while every layer still costs what it did. Timing it gives the decoding loop's ceiling."""
-    layers = tuple(dict(lp, wo=jnp.zeros_like(lp["wo"]), w_down=jnp.zeros_like(lp["w_down"])) if i >= exit_layer
-                   else lp for i, lp in enumerate(params["layers"]))
+    zero = lambda lp: {k: jax.tree_util.tree_map(jnp.zeros_like, w) if WEIGHTS[k].residual else w  # noqa: E731
+                       for k, w in lp.items()}
+    layers = tuple(zero(lp) if i >= exit_layer else lp for i, lp in enumerate(unstack_layers(params)["layers"]))
     return {**params, "layers": layers}
 
 

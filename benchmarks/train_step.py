@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.report import append_report, command_line, best_seconds, markdown_table, median_seconds
 from jaxmodels.config import LlamaConfig
 from jaxmodels.model import init_params
+from jaxmodels.weights import matmul_param_count
 from training.config import OptimizerSection, ScheduleSection, load_config
 from training.step import build_steps
 
@@ -48,8 +49,9 @@ def model_config(preset: str) -> LlamaConfig:
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """6·N (matmul parameters) + 6·L·T·(H·hd) (causal attention), forward + backward."""
-    n = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    """6·N (matmul parameters, from the weight table: factorized weights at their rank) +
+    6·L·T·(H·hd) (causal attention), forward + backward."""
+    n = matmul_param_count(config)
     attention = 6 * config.num_hidden_layers * seq_len * config.num_attention_heads * config.head_dim
     return 6.0 * n + attention
 

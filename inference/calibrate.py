@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from typing import Sequence
 
@@ -33,6 +34,7 @@ from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
+from jaxmodels.weights import WEIGHTS, layer_param_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +56,11 @@ class DecodeCosts:
 
 def memory_bound_costs(config: LlamaConfig, max_tokens: int) -> DecodeCosts:
     """The byte-count model: a pass costs its weight bytes whatever the token count (the ideal
-    memory-bound regime); units of one layer."""
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    d, f = config.hidden_size, config.intermediate_size
-    head = config.vocab_size * d / (d * (2 * q + 2 * kv) + 3 * d * f)
+    memory-bound regime); units of one (mean) layer. Counts come from the weight table, so
+    factorized layers weigh their rank; with hybrid layers the mean stands for every layer."""
+    L = config.num_hidden_layers
+    layer = sum(layer_param_count(config, i, matmul_only=True) for i in range(L)) / L
+    head = math.prod(WEIGHTS["lm_head"].shape(config)) / layer
     return DecodeCosts(layer=(1.0,) * max_tokens, head=(head,) * max_tokens)
 
 

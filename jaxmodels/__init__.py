@@ -9,8 +9,11 @@ Public API (the model and its pieces; conversions live in `jaxmodels.convert`):
 
 from jaxmodels.config import ConfigError, LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import (Llama, Params, embed_tokens, exit_logits, forward, init_params,
+from jaxmodels.layers import dense
+from jaxmodels.model import (Llama, Params, decoder_layer, embed_tokens, exit_logits, forward, init_params,
                              param_shapes, run_layers)
+from jaxmodels.weights import LayerVariants, LowRank
 
-__all__ = ["ConfigError", "LlamaConfig", "KVCache", "Llama", "Params", "embed_tokens",
-           "exit_logits", "forward", "init_params", "param_shapes", "run_layers"]
+__all__ = ["ConfigError", "LlamaConfig", "KVCache", "LayerVariants", "Llama", "LowRank", "Params",
+           "decoder_layer", "dense", "embed_tokens", "exit_logits", "forward", "init_params", "param_shapes",
+           "run_layers"]

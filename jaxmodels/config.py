@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 from typing import Any
 
+from jaxmodels.weights import LayerVariants, count_params, variant_problems
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -42,6 +44,9 @@ class LlamaConfig:
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
+    # Per-layer variants (factorized weights and their ranks); None = every layer dense. Not part
+    # of config.json: `save_hf_checkpoint` writes it to layer_variants.json beside it.
+    layer_variants: LayerVariants | None = None
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -52,6 +57,8 @@ class LlamaConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.layer_variants is not None and self.layer_variants.is_dense:
+            object.__setattr__(self, "layer_variants", None)  # one spelling of "all dense"
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -75,6 +82,9 @@ class LlamaConfig:
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_scaling type '{rope_type}' is not supported; "
                               f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        problems = variant_problems(self)
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     # --------------------------------------------------------------- derived
     @property
@@ -99,12 +109,8 @@ class LlamaConfig:
         return self.num_attention_heads // self.num_key_value_heads
 
     def num_params(self) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        per_layer = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else d * v
-        return v * d + self.num_hidden_layers * per_layer + d + head
+        """Every parameter as stored, factorized weights at their rank (`weights.count_params`)."""
+        return count_params(self)
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -121,7 +127,7 @@ class LlamaConfig:
         if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(f"unsupported model_type '{model_type}': only Llama-family models "
                               f"(model_type 'llama') are supported")
-        fields = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"layer_variants"}  # read from its own file
         kwargs = {k: v for k, v in raw.items() if k in fields}
         # transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of
         # `rope_theta` + `rope_scaling`; read either, so theta never silently falls back to 10000.
@@ -134,7 +140,7 @@ class LlamaConfig:
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layer_variants"}
         out["rope_scaling"] = self.rope_scaling_dict or None
         out["rope_parameters"] = {"rope_type": "default", **self.rope_scaling_dict,
                                   "rope_theta": self.rope_theta}

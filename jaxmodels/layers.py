@@ -1,4 +1,4 @@
-"""Stateless building blocks of a Llama layer: RMSNorm, rotary embeddings, SwiGLU.
+"""Stateless building blocks of a Llama layer: dense (matmul) weights, RMSNorm, rotary embeddings, SwiGLU.
 
 All are pure functions of arrays so that the scanned layer stack, the early-exit paths and the
 pipeline stages share one implementation. Numerics follow Hugging Face's Llama (norm in float32,
@@ -14,6 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.config import LlamaConfig
+from jaxmodels.weights import LowRank
+
+
+def dense(w: jax.Array | LowRank, x: jax.Array) -> jax.Array:
+    """x [..., m] @ w [m, n] -> [..., n]: the one place a matmul weight is applied.
+
+    A factorized weight goes through its rank: (x @ u) @ v costs (m + n) r per row instead of m n.
+    """
+    if isinstance(w, LowRank):
+        return (x @ w.u) @ w.v
+    return x @ w
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -58,6 +69,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+def swiglu(x: jax.Array, w_gate: jax.Array | LowRank, w_up: jax.Array | LowRank,
+           w_down: jax.Array | LowRank) -> jax.Array:
     """Llama MLP: down(silu(x @ gate) * (x @ up)). x [..., D]; w_gate/w_up [D, F]; w_down [F, D]."""
-    return (jax.nn.silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return dense(w_down, jax.nn.silu(dense(w_gate, x)) * dense(w_up, x))

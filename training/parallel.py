@@ -3,7 +3,8 @@
 Mesh axes: `data` and `fsdp` (Auto axis types: XLA's partitioner inserts the collectives).
 - The batch [A, b, T] is split over both axes along b: every device sees different sequences.
 - Parameters (and the optimizer moments, which mirror them) are replicated over `data` and, when
-  `fsdp > 1`, sharded over `fsdp` along their largest axis divisible by the fsdp size. The stacked
+  `fsdp > 1`, sharded over `fsdp` along their largest axis divisible by the fsdp size (a factorized
+  weight's u and v each on their own; axes named by the weight table's logical axes). The stacked
   layer axis is never the one sharded: `lax.scan` reads one layer at a time, and a layer living on a
   single device would serialize the scan. XLA all-gathers each weight for use and reduce-scatters its
   gradient (ZeRO-3 style).
@@ -19,9 +20,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmodels.weights import logical_axes
 from training.config import ConfigError, MeshSection
 
 BATCH_AXES = ("data", "fsdp")
+UNSHARDED_AXES = ("layers",)  # `lax.scan` reads one layer at a time: never split the stack
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -45,11 +48,15 @@ def batch_size_per_step(mesh: Mesh) -> int:
 
 
 def _fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp: int) -> P:
-    """Shard the largest axis divisible by `fsdp` (not a stacked layer axis); else replicate."""
-    if fsdp == 1 or not shape:
+    """Shard the largest axis divisible by `fsdp` that is not a stacked layer axis; else replicate.
+
+    Axes are told apart by their logical names from the weight table (`jaxmodels.weights`); a leaf
+    that is no weight (a step count, ...) is replicated.
+    """
+    axes = logical_axes(path, len(shape))
+    if fsdp == 1 or not shape or axes is None:
         return P()
-    stacked = any(getattr(k, "key", None) == "layers" for k in path)
-    candidates = [i for i in range(1 if stacked else 0, len(shape)) if shape[i] % fsdp == 0]
+    candidates = [i for i, name in enumerate(axes) if name not in UNSHARDED_AXES and shape[i] % fsdp == 0]
     if not candidates:
         return P()
     axis = max(candidates, key=lambda i: (shape[i], -i))

@@ -25,20 +25,9 @@ import numpy as np
 from jaxmodels.config import ConfigError, LlamaConfig
 from jaxmodels.convert.hf import CheckpointError
 from jaxmodels.layers import rope_inverse_frequencies
-from jaxmodels.model import Params, param_shapes
+from jaxmodels.params import Params, build_params
+from jaxmodels.weights import WeightSpec
 
-# our layer key -> (GGUF name inside blk.{i}., transpose?)
-_LAYER_NAMES = {
-    "attn_norm": ("attn_norm.weight", False),
-    "wq": ("attn_q.weight", True),
-    "wk": ("attn_k.weight", True),
-    "wv": ("attn_v.weight", True),
-    "wo": ("attn_output.weight", True),
-    "mlp_norm": ("ffn_norm.weight", False),
-    "w_gate": ("ffn_gate.weight", True),
-    "w_up": ("ffn_up.weight", True),
-    "w_down": ("ffn_down.weight", True),
-}
 # Llama 3.1/3.2 files carry RoPE scaling only as a `rope_freqs.weight` tensor of per-frequency
 # divisors; we recognise the standard llama3 scaling from it (and refuse anything else).
 _LLAMA3_ROPE_CANDIDATES = [dict(factor=f, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -174,16 +163,16 @@ def load_gguf(path: str | os.PathLike | Any, dtype: Any = np.float32) -> tuple[L
     import gguf
 
     reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
-    config = gguf_config(reader)
+    config = gguf_config(reader)  # GGUF files are dense: no layer variants
     tensors = {t.name: t for t in reader.tensors}
-    shapes = param_shapes(config)
 
-    def take(name: str, shape: tuple[int, ...], transpose: bool, n_head: int = 0) -> np.ndarray:
+    def take(spec: WeightSpec, layer: int | None, factor: str | None, shape: tuple[int, ...]) -> np.ndarray:
+        name = spec.gguf.format(i=layer)
         if name not in tensors:
             raise CheckpointError(f"tensor '{name}' is missing from the GGUF file; the file is incomplete "
                                   f"or not a Llama model, re-convert it with llama.cpp")
         t = tensors[name]
-        hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        hf_shape = tuple(reversed(shape)) if spec.matmul else tuple(shape)
         listed = tuple(int(d) for d in reversed(t.shape))  # ggml lists dims fastest-first
         if listed != hf_shape:
             raise CheckpointError(f"tensor '{name}' has shape {listed}, but the GGUF metadata (llama.*) "
@@ -193,23 +182,11 @@ def load_gguf(path: str | os.PathLike | Any, dtype: Any = np.float32) -> tuple[L
         except Exception as err:
             raise CheckpointError(f"cannot dequantize tensor '{name}' ({t.tensor_type.name}): {err}; "
                                   f"the file is truncated or uses an unsupported quantization") from err
-        if n_head:
-            x = _unpermute_rows(x, n_head)
-        return np.array(x.T if transpose else x, dtype=dtype)  # copies: no view into the memmap
+        if spec.rope_heads is not None:
+            x = _unpermute_rows(x, spec.rope_heads(config))
+        return np.array(x.T if spec.matmul else x, dtype=dtype)  # copies: no view into the memmap
 
-    heads = {"wq": config.num_attention_heads, "wk": config.num_key_value_heads}
-    layers = {}
-    for key, (suffix, transpose) in _LAYER_NAMES.items():
-        layers[key] = np.stack([take(f"blk.{i}.{suffix}", shapes["layers"][key][1:], transpose,
-                                     heads.get(key, 0)) for i in range(config.num_hidden_layers)])
-    params: Params = {
-        "embed": take("token_embd.weight", shapes["embed"], False),
-        "layers": layers,
-        "final_norm": take("output_norm.weight", shapes["final_norm"], False),
-    }
-    if not config.tie_word_embeddings:
-        params["lm_head"] = take("output.weight", shapes["lm_head"], True)
-    return config, params
+    return config, build_params(config, take)
 
 
 def smollm2_gguf_path() -> Path:

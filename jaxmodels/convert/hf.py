@@ -1,7 +1,14 @@
 """Hugging Face Llama checkpoints: a folder with `config.json` and `*.safetensors` (sharded or not).
 
 HF stores each projection as `[out, in]` and one tensor per layer; we store `[in, out]` stacked over
-layers. Import transposes and stacks; export undoes it, so a round trip is exact.
+layers. Import transposes and stacks; export undoes it, so a round trip is exact. Names and layouts
+come from the weight table (`jaxmodels.weights`).
+
+A model with per-layer variants (factorized weights) also gets `layer_variants.json` beside
+`config.json`, and config.json names it under `jaxmodels_layer_variants`; a factorized weight is
+stored as `<hf name>_u` [r, in] and `<hf name>_v` [out, r] (HF-style transposed), so the folder
+reloads as the same low-rank model. transformers cannot load such a folder; merge the factors
+first. A dense model writes no such file and stays a plain HF folder.
 """
 
 from __future__ import annotations
@@ -15,20 +22,11 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxmodels.config import ConfigError, LlamaConfig
-from jaxmodels.model import Params, check_param_shapes, param_shapes
+from jaxmodels.params import Params, build_params, iter_weights
+from jaxmodels.weights import LayerVariants, WeightSpec, hf_name, layer_ranks
 
-# our layer key -> (HF name inside model.layers.{i}., transpose?)
-_LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
+VARIANTS_FILE = "layer_variants.json"
+VARIANTS_KEY = "jaxmodels_layer_variants"  # in config.json: the variants file's name
 SHARD_BYTES = 2 * 1024**3
 
 
@@ -45,7 +43,31 @@ def read_hf_config(folder: str | os.PathLike) -> LlamaConfig:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}; the file is damaged, re-download it") from err
-    return LlamaConfig.from_hf_dict(raw)
+    config = LlamaConfig.from_hf_dict(raw)
+    variants = read_layer_variants(folder, raw.get(VARIANTS_KEY))
+    if variants is None:
+        return config
+    try:
+        return config.replace(layer_variants=variants)
+    except ConfigError as err:
+        raise CheckpointError(f"{Path(folder) / VARIANTS_FILE} does not fit config.json: {err}") from err
+
+
+def read_layer_variants(folder: str | os.PathLike, named: str | None = None) -> LayerVariants | None:
+    """The folder's per-layer variants (None: a dense model). `named` is config.json's pointer to the
+    file: if it names a file that is missing, the weights cannot be read, so that is an error."""
+    path = Path(folder) / (named or VARIANTS_FILE)
+    if not path.is_file():
+        if named:
+            raise CheckpointError(f"config.json says the weights are factorized per {named} "
+                                  f"('{VARIANTS_KEY}'), but {path} is missing; copy it from where the "
+                                  f"checkpoint was saved")
+        return None
+    try:
+        return LayerVariants.from_json(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}; restore the {VARIANTS_FILE} saved with "
+                              f"these weights") from err
 
 
 def _tensor_files(folder: Path) -> list[Path]:
@@ -79,38 +101,45 @@ def _read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _missing(tensors: dict[str, np.ndarray], config: LlamaConfig, spec: WeightSpec, layer: int | None,
+             factor: str | None) -> str:
+    """Why tensor (spec, layer, factor) is absent, and the fix."""
+    name = hf_name(spec, layer, factor)
+    if factor is None and hf_name(spec, layer, "u") in tensors:
+        return (f"tensor '{name}' is missing: the checkpoint holds it factorized ('{name}_u', '{name}_v'), "
+                f"but no {VARIANTS_FILE} says so; restore the {VARIANTS_FILE} saved with these weights")
+    if factor is not None and hf_name(spec, layer) in tensors:
+        return (f"tensor '{name}' is missing: {VARIANTS_FILE} factorizes layer {layer} '{spec.name}', but "
+                f"the checkpoint holds it dense ('{hf_name(spec, layer)}'); remove {VARIANTS_FILE} (and "
+                f"'{VARIANTS_KEY}' in config.json) to load the dense weights")
+    if spec.name == "lm_head":
+        return ("config says tie_word_embeddings=false but 'lm_head.weight' is missing; "
+                "set tie_word_embeddings=true in config.json if the head is tied")
+    return f"tensor '{name}' is missing from the checkpoint"
+
+
 def params_from_hf_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray],
                            dtype=np.float32) -> Params:
     """Map HF tensor names/layouts to our stacked parameter tree (numpy arrays)."""
-    shapes = param_shapes(config)
 
-    def take(name: str, shape: tuple[int, ...], transpose: bool) -> np.ndarray:
+    def take(spec: WeightSpec, layer: int | None, factor: str | None, shape: tuple[int, ...]) -> np.ndarray:
+        name = hf_name(spec, layer, factor)
         if name not in tensors:
-            raise CheckpointError(f"tensor '{name}' is missing from the checkpoint")
-        x = tensors[name]
-        x = x.T if transpose else x
-        if tuple(x.shape) != tuple(shape):
-            raise CheckpointError(f"tensor '{name}' has shape {tuple(tensors[name].shape)}, but the config "
-                                  f"implies {shape if not transpose else tuple(reversed(shape))}; "
-                                  f"config.json and the weights are from different models")
-        return np.asarray(x, dtype=dtype)
+            raise CheckpointError(_missing(tensors, config, spec, layer, factor))
+        x = tensors[name].T if spec.matmul else tensors[name]
+        if tuple(x.shape) == tuple(shape):
+            return np.asarray(x, dtype=dtype)
+        hf_shape = tuple(reversed(shape)) if spec.matmul else tuple(shape)
+        if factor is not None:
+            raise CheckpointError(
+                f"tensor '{name}' has shape {tuple(tensors[name].shape)}, but {VARIANTS_FILE} gives layer "
+                f"{layer} '{spec.name}' rank {layer_ranks(config, layer)[spec.name]}, which implies "
+                f"{hf_shape}; the variant file does not belong to these weights: restore the "
+                f"{VARIANTS_FILE} saved with them")
+        raise CheckpointError(f"tensor '{name}' has shape {tuple(tensors[name].shape)}, but the config "
+                              f"implies {hf_shape}; config.json and the weights are from different models")
 
-    layers = {}
-    for key, (suffix, transpose) in _LAYER_NAMES.items():
-        per_layer_shape = shapes["layers"][key][1:]
-        layers[key] = np.stack([take(f"model.layers.{i}.{suffix}", per_layer_shape, transpose)
-                                for i in range(config.num_hidden_layers)])
-    params: Params = {
-        "embed": take("model.embed_tokens.weight", shapes["embed"], False),
-        "layers": layers,
-        "final_norm": take("model.norm.weight", shapes["final_norm"], False),
-    }
-    if not config.tie_word_embeddings:
-        if "lm_head.weight" not in tensors:
-            raise CheckpointError("config says tie_word_embeddings=false but 'lm_head.weight' is missing; "
-                                  "set tie_word_embeddings=true in config.json if the head is tied")
-        params["lm_head"] = take("lm_head.weight", shapes["lm_head"], True)
-    return params
+    return build_params(config, take)
 
 
 def load_hf_checkpoint(folder: str | os.PathLike, dtype=np.float32) -> tuple[LlamaConfig, Params]:
@@ -124,28 +153,28 @@ def load_hf_checkpoint(folder: str | os.PathLike, dtype=np.float32) -> tuple[Lla
 
 
 def hf_tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
-    """Our parameter tree -> HF tensor names and `[out, in]` layouts."""
-    check_param_shapes(config, params)
-    out = {"model.embed_tokens.weight": np.asarray(params["embed"]),
-           "model.norm.weight": np.asarray(params["final_norm"])}
-    for key, (suffix, transpose) in _LAYER_NAMES.items():
-        stacked = np.asarray(params["layers"][key])
-        for i in range(config.num_hidden_layers):
-            x = stacked[i]
-            out[f"model.layers.{i}.{suffix}"] = np.ascontiguousarray(x.T if transpose else x)
-    if not config.tie_word_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+    """Our parameter tree -> HF tensor names and `[out, in]` layouts (factors as `_u`, `_v`)."""
+    out = {}
+    for spec, layer, factor, x in iter_weights(config, params):
+        x = np.asarray(x)
+        out[hf_name(spec, layer, factor)] = np.ascontiguousarray(x.T if spec.matmul else x)
     return out
 
 
 def save_hf_checkpoint(folder: str | os.PathLike, config: LlamaConfig, params: Params,
                        shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write config.json + safetensors (sharded with an index above `shard_bytes`)."""
+    """Write config.json + safetensors (sharded with an index above `shard_bytes`), and
+    layer_variants.json when the config has per-layer variants."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors_from_params(config, params)
     hf_config = config.to_hf_dict()
     hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+    if config.layer_variants is not None:
+        hf_config[VARIANTS_KEY] = VARIANTS_FILE
+        (folder / VARIANTS_FILE).write_text(json.dumps(config.layer_variants.to_json(), indent=1))
+    elif (folder / VARIANTS_FILE).exists():  # overwriting a low-rank save with a dense one
+        (folder / VARIANTS_FILE).unlink()
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -170,4 +199,5 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: LlamaConfig, params: P
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_hf_checkpoint", "save_hf_checkpoint",
-           "read_hf_config", "params_from_hf_tensors", "hf_tensors_from_params"]
+           "read_hf_config", "read_layer_variants", "params_from_hf_tensors", "hf_tensors_from_params",
+           "VARIANTS_FILE"]
