@@ -80,11 +80,13 @@ def _mlp_block(lp: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LayerContext:
-    """What every layer of one call shares: the config, RoPE tables [B, T, hd] and positions [B, T]."""
+    """What every layer of one call shares: the config, RoPE tables [B, T, hd], positions [B, T]
+    and each row's cache write position [B] (= positions[:, 0])."""
     config: LlamaConfig
     cos: jax.Array
     sin: jax.Array
     positions: jax.Array
+    write_at: jax.Array
 
 
 LayerState = tuple[jax.Array, jax.Array] | None  # this layer's (K, V) cache buffers [B*KV, S, hd], or None
@@ -102,8 +104,7 @@ def decoder_layer(lp: Params, h: jax.Array, state: LayerState, ctx: LayerContext
     if state is None:
         keys, values, k_pos = merge_kv_heads(k), merge_kv_heads(v), ctx.positions
     else:
-        write_at = ctx.positions[:, 0]
-        state = (_write_rows(state[0], k, write_at), _write_rows(state[1], v, write_at))
+        state = (_write_rows(state[0], k, ctx.write_at), _write_rows(state[1], v, ctx.write_at))
         keys, values = state[0].astype(k.dtype), state[1].astype(v.dtype)
         k_pos = jnp.arange(keys.shape[1])
     out = gqa_attention(q, keys, values, ctx.positions, k_pos)  # [B, T, H, hd]
@@ -159,7 +160,8 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
     if skip is not None and cache is not None:
         raise ValueError("layer skipping is a training feature; it cannot be combined with a KV cache")
     cos, sin = rope_cos_sin(positions, jnp.asarray(rope_inverse_frequencies(config)))
-    step = _layer_step(LayerContext(config, cos, sin, positions), collect_hidden, remat, skip is not None)
+    ctx = LayerContext(config, cos, sin, positions, positions[:, 0])
+    step = _layer_step(ctx, collect_hidden, remat, skip is not None)
     k_out, v_out, hidden, i = [], [], [], start
     for part, stacked in layer_pieces(params["layers"], start, stop):
         n = part["attn_norm"].shape[0] if stacked else 1

@@ -122,7 +122,8 @@ def check_param_shapes(config: LlamaConfig, params: Params) -> None:
     """Raise a ValueError naming every parameter whose shape (or factorization) disagrees with the
     config. Accepts the stacked / segmented layout and the per-layer one (`unstack_layers`)."""
     layers = params.get("layers") if isinstance(params, dict) else None
-    stacked = not (isinstance(layers, (tuple, list)) and layers and not is_stacked(layers[0]))
+    first = layers[0] if isinstance(layers, (tuple, list)) and layers else None
+    stacked = not (isinstance(first, dict) and "attn_norm" in first and not is_stacked(first))
     problems = _shape_problems(param_shapes(config, stacked=stacked), params, "")
     if problems:
         raise ValueError("weights do not match the config (is config.json from the same model?):\n  "
