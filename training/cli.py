@@ -67,9 +67,10 @@ def print_keys(cfg: TrainConfig) -> None:
 
 def check(cfg: TrainConfig) -> None:
     """--check: what can be validated without reading data or building arrays (ConfigError/DataError)."""
-    from training import train as train_module
+    from training import parallel, train as train_module
     from training.runlock import LOCK_NAME, RunLock, read_holder
 
+    parallel.check_batch(parallel.make_mesh(cfg.mesh), cfg.run.batch_size // cfg.optimizer.grad_accum)
     run_dir = Path(cfg.run.out_dir).expanduser()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.out_dir '{cfg.run.out_dir}' is a file, not a folder; choose another run.out_dir")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate, train; every expected failure is one `error: ...` line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser().parse_intermixed_args(argv)  # key=value before and after flags
     except SystemExit as exit_:  # --help (0) or a usage error (2, already printed)
         return int(exit_.code or 0)
     try:

@@ -124,6 +124,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     """Run (or resume, or extend) one training run, holding RUN_DIR's lock throughout; returns the
     summary also written to RUN_DIR/summary.json. Raises ConfigError/DataError/CheckpointError for
     user mistakes, DivergenceError, and Interrupted on SIGINT/SIGTERM (after a checkpoint)."""
+    parallel.check_batch(parallel.make_mesh(cfg.mesh, devices), cfg.run.batch_size // cfg.optimizer.grad_accum)
     run_dir = prepare_run_dir(cfg.run.out_dir)
     with RunLock(run_dir, enabled=jax.process_index() == 0, note=MetricsLog.echo):
         return _train(cfg, run_dir, resume, devices)
