@@ -35,6 +35,7 @@ from training.validation import get, ineffective_keys
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, ModelConfigError)
 EXIT_USAGE, EXIT_DIVERGED, EXIT_SIGINT = 2, 3, 130
+OUT_OF_MEMORY = "out of memory; lower run.batch_size, run.seq_len or the model size (or enable model.remat)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,6 +66,13 @@ def print_keys(cfg: TrainConfig) -> None:
         print(f"{key} = {get(cfg, key)!r}")
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, RuntimeError) as err:  # e.g. a name too long, '~user' unknown
+        raise ConfigError(f"cannot use the path '{path}': {err}") from None
+
+
 def check(cfg: TrainConfig) -> None:
     """--check: what can be validated without reading data or building arrays (ConfigError/DataError)."""
     from training import parallel, train as train_module
@@ -72,12 +80,12 @@ def check(cfg: TrainConfig) -> None:
 
     parallel.check_batch(parallel.make_mesh(cfg.mesh), cfg.run.batch_size // cfg.optimizer.grad_accum)
     run_dir = Path(cfg.run.out_dir).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
+    if _exists(cfg.run.out_dir) and not run_dir.is_dir():
         raise ConfigError(f"run.out_dir '{cfg.run.out_dir}' is a file, not a folder; choose another run.out_dir")
-    if cfg.data.source != "stdlib" and not Path(cfg.data.source).expanduser().exists():
+    if cfg.data.source != "stdlib" and not _exists(cfg.data.source):
         raise DataError(f"data path '{cfg.data.source}' does not exist")
     if cfg.init_from and cfg.init_from.lower() not in ("smollm2", "smollm2-135m-instruct") \
-            and not Path(cfg.init_from).expanduser().exists():
+            and not _exists(cfg.init_from):
         raise ConfigError(f"init_from '{cfg.init_from}' does not exist")
     if (run_dir / LOCK_NAME).exists():
         with RunLock(run_dir, note=lambda _: None) as lock:  # refused if a run holds it
@@ -131,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except MemoryError:
-        print("error: out of memory; lower run.batch_size, run.seq_len or the model size", file=sys.stderr)
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as err:  # XLA's out-of-memory is a JaxRuntimeError (a RuntimeError)
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        print(f"error: {OUT_OF_MEMORY} ({str(err).splitlines()[0][:200]})", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("\nerror: interrupted; the run can be resumed from its last checkpoint by the same command",

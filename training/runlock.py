@@ -35,13 +35,13 @@ class RunLockedError(ConfigError):
 
 def prepare_run_dir(path: str | Path) -> Path:
     """RUN_DIR as a folder (created if missing); ConfigError if it is a file or cannot be created."""
-    run_dir = Path(path).expanduser()
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.out_dir '{path}' is a file, not a folder; choose another run.out_dir")
     try:
+        run_dir = Path(path).expanduser()
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run.out_dir '{path}' is a file, not a folder; choose another run.out_dir")
         run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create run.out_dir '{path}': {err.strerror or err}") from None
+    except (OSError, RuntimeError) as err:
+        raise ConfigError(f"cannot create run.out_dir '{path}': {getattr(err, 'strerror', None) or err}") from None
     return run_dir
 
 

@@ -44,6 +44,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "layerskip.dropout_max": (0, 1, True, True), "layerskip.e_scale": (0, None, True, True),
     "layerskip.rotation": (1, INT_MAX, True, True), "layerskip.exit_distill": (0, 1, True, True),
 }
+PATH_KEYS = ("run.out_dir", "data.source", "data.tokenizer", "data.cache_dir", "init_from")
 MODEL_SHAPE_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
                     "model.num_attention_heads", "model.num_key_value_heads", "model.head_dim",
                     "model.max_position_embeddings", "model.rope_theta", "model.rms_norm_eps",
@@ -93,10 +94,22 @@ def check_model_shape(cfg: TrainConfig) -> None:
         raise ConfigError(f"the model section describes no valid model: {err}") from None
 
 
+def check_path(key: str, value: str | None) -> None:
+    """A path key: unset (None) or a non-empty string the OS can take (no NUL byte)."""
+    if value is None:
+        return
+    if not value.strip():
+        raise ConfigError(f"'{key}' is empty; give a path" + (" or 'stdlib'" if key == "data.source" else ""))
+    if "\0" in value:
+        raise ConfigError(f"'{key}' contains a NUL byte, which no path can hold: {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Every range, the cross-field rules and (without `init_from`) the model shape."""
+    """Every range, the paths, the cross-field rules and (without `init_from`) the model shape."""
     for key in RANGES:
         check_range(key, get(cfg, key))
+    for key in PATH_KEYS:
+        check_path(key, get(cfg, key))
     r, o = cfg.run, cfg.optimizer
     if r.batch_size % o.grad_accum:
         raise ConfigError(f"run.batch_size ({r.batch_size}) must be a multiple of optimizer.grad_accum "
