@@ -65,3 +65,34 @@ def test_cli_rejects_unsupported_architecture(capsys, tmp_path):
                                                       "model_type": "gpt2"}))
     code, _, err = _run(capsys, "--model", str(tmp_path), "--prompt", "hi")
     assert code == 2 and "unsupported architecture" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tests.tiny_model import tiny_model_folder
+
+    return str(tiny_model_folder(tmp_path_factory.mktemp("cli") / "model"))
+
+
+def test_progress_goes_to_stderr_and_json_stays_the_last_stdout_line(capsys, tiny_dir):
+    code, out, err = _run(capsys, "--model", tiny_dir, "--prompt", "hello", "--max-new-tokens", "5",
+                          "--early-exit", "3", "--json")
+    assert code == 0 and f"loading {tiny_dir}" in err and "loading" not in out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and len(json.loads(lines[-1])["generated_tokens"]) <= 5
+
+
+@pytest.mark.parametrize("flags, exit_layer, draft_len", [
+    (["--exit-layer", "1"], 1, 3),  # E as given, never the calibrated one (was `E or calibrated`)
+    (["--draft-len", "2"], 2, 2),  # a given d keeps self-speculation on even when modeled slower
+])
+def test_given_speculation_flags_are_used_as_given(capsys, monkeypatch, tiny_dir, flags, exit_layer, draft_len):
+    from inference.calibrate import SpecChoice
+
+    monkeypatch.setattr("inference.cli.choose_exit_and_draft",
+                        lambda *a, **k: SpecChoice(2, 3, 0.9, (0.1, 0.2, 0.3)))  # modeled slower than plain
+    code, out, err = _run(capsys, "--model", tiny_dir, "--prompt", "hello", "--max-new-tokens", "4",
+                          "--self-speculative", *flags, "--json")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and result["self_speculative"], err
+    assert (result["exit_layer"], result["draft_len"]) == (exit_layer, draft_len)
