@@ -54,6 +54,13 @@ def test_missing_and_empty_sources(tmp_path):
     bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(DataError, match=r'bad.jsonl:2 has no string field "text"'):
         load_corpus(str(bad))
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"text": "ok"}\n{"text": "fine"}\n\x89PNG\r\n\x1a\n\xff\xfe\x00\n')
+    with pytest.raises(DataError, match=r"binary.jsonl:3 is not UTF-8 text"):
+        load_corpus(str(binary))
+    binary.write_bytes(b'{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match=r"binary.jsonl:2 is not valid JSON"):
+        load_corpus(str(binary))
 
 
 def test_jsonl_source(tmp_path):

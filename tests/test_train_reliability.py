@@ -196,6 +196,26 @@ def test_ctrl_c_twice_exits_at_once_without_a_traceback(corpus, cache, tmp_path)
     assert "Traceback" not in out and "error: interrupted" in out
 
 
+def test_sigterm_with_checkpoints_off_says_nothing_was_saved(corpus, cache, tmp_path, capsys, monkeypatch):
+    original, calls = data_module.DataSet.train_batch, []
+
+    def preempted(self, *args, **kwargs):  # the scheduler's SIGTERM arrives while step 3 runs
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(data_module.DataSet, "train_batch", preempted)
+    before = signal.getsignal(signal.SIGTERM)
+    argv = _argv(tmp_path / "run", corpus, cache, **{"checkpoint.enabled": "false"})
+    argv.remove("checkpoint.every=4")
+    assert main(["--preset", "tiny", *argv]) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 3; nothing saved" in err and "to resume" not in err
+    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "run" / "model").exists()
+
+
 def test_stop_signals_request_a_stop_then_quit_and_restore_the_handlers():
     before = signal.getsignal(signal.SIGINT)
     with StopSignals() as stop:

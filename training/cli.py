@@ -5,7 +5,8 @@ enters (types, ranges, non-finite numbers, the model shape: `training.validation
 chosen mode would ignore are refused, and every expected failure prints one line `error: ...`:
 
     0    done (or --check / --help-keys passed)
-    2    a user error: bad argument, config, data, checkpoint, RUN_DIR in use by another run
+    2    a user error: bad argument, config, data, checkpoint, RUN_DIR in use by another run; also a
+         file-system refusal (permissions, disk full) and running out of memory
     3    training diverged (NaN/Inf loss or gradient norm); nothing exported
     130  SIGINT (Ctrl-C), after a checkpoint at the next step boundary (a second Ctrl-C: at once)
     143  SIGTERM (preemption), after a checkpoint at the next step boundary
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except DivergenceError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_DIVERGED
+    except OSError as err:  # the file system refused (permissions, disk full, a file where a folder goes)
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except MemoryError:
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return EXIT_USAGE

@@ -147,6 +147,9 @@ def _model_and_data(cfg: TrainConfig, log: MetricsLog) -> tuple[LlamaConfig, Par
     if cfg.init_from:
         with phase(f"loading init_from={cfg.init_from}"):
             model_config, imported, tok = load_init(cfg.init_from)
+        if cfg.run.seq_len > model_config.max_position_embeddings:
+            raise ConfigError(f"run.seq_len={cfg.run.seq_len} is longer than the context of init_from="
+                              f"{cfg.init_from} ({model_config.max_position_embeddings} positions)")
         log.echo("init_from: the checkpoint defines the model shape and tokenizer")
     t0 = time.time()
     with phase(f"preparing the data ({cfg.data.source}: corpus, tokenizer, tokens; cached after the first run)"):
