@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_a_chat_that_overflows_the_context_continues(capsys, monkeypatch, model_dir):
-    lines = ["hello there, model"] * 6 + ["x" * 200, "and one more", ""]
+    lines = ["hello there, model"] * 6 + ["x" * 200, "caf\udce9", "and one more", ""]  # \udce9: byte 0xe9
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
     code = main(["--model", model_dir, "--chat", "--max-new-tokens", "16", "--json"])
     out, err = capsys.readouterr()
@@ -57,6 +57,7 @@ def test_a_chat_that_overflows_the_context_continues(capsys, monkeypatch, model_
     assert out.count("model> ") == 7  # every line but the one too long for the context on its own
     assert "dropped the oldest" in err  # 6 turns of ~50 tokens cannot fit in 128 - 16
     assert "this message needs" in err and "error" not in err and "Traceback" not in err
+    assert "that line is not valid UTF-8" in err and "type it again" in err
 
 
 def test_ctrl_c_anywhere_in_the_cli_exits_130_without_a_traceback(capsys, monkeypatch, model_dir):
