@@ -164,6 +164,7 @@ def test_a_bad_learning_rate_is_refused_before_any_work(value, tmp_path, capsys)
 
 
 # --------------------------------------------------------------------------- SIGTERM, Ctrl-C
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bitwise_the_same(reference, corpus, cache, tmp_path):
     run_dir = tmp_path / "run"
     argv = _argv(run_dir, corpus, cache, **{"checkpoint.every": 100})  # the signal's checkpoint is the only one

@@ -118,7 +118,7 @@ class RunSection:
     seq_len: int = 256
     log_every: int = 10
     eval_every: int = 200  # 0 = only at the end
-    eval_batches: int = 8  # held-out batches per evaluation (0 = the whole held-out split)
+    eval_batches: int = 8  # held-out batches per evaluation, the final one too (0 = the whole held-out split)
     seed: int = 0
     out_dir: str = "runs/default"  # RUN_DIR: metrics.jsonl, checkpoints/, model/
     sample_prompt: str = "def "

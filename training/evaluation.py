@@ -21,7 +21,7 @@ from jaxmodels.model import Params
 from training import layerskip, parallel
 from training.config import TrainConfig
 from training.data import DataSet
-from training.metrics import MetricsLog, phase
+from training.metrics import DivergenceError, MetricsLog, phase
 
 EvalFn = Callable[[Params, int, str | None], dict[str, Any]]
 
@@ -87,6 +87,9 @@ def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: Da
     ev = eval_fn(params, run.eval_batches, "final held-out evaluation" if run.progress else None)
     log_final_eval(ev, run.steps, log)
     host_params = jax.device_get(params)
+    if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_params)):
+        raise DivergenceError("the trained parameters hold NaN or Inf values; the model was not exported. "
+                              "Lower optimizer.lr or raise schedule.warmup_steps")
     with phase(f"exporting the model to {run_dir / 'model'}"):
         save_hf_checkpoint(run_dir / "model", model_config, host_params)
         data.tokenizer.save(run_dir / "model")

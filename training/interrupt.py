@@ -19,6 +19,8 @@ import sys
 import threading
 from types import FrameType
 
+import numpy as np
+
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT (Ctrl-C)", signal.SIGTERM: "SIGTERM"}
 
 
@@ -52,6 +54,19 @@ class StopSignals:
         self.requested = signum
         print(f"\n{SIGNAL_NAMES.get(signum, signum)}: saving a checkpoint at the end of this step, then "
               f"exiting (send it again to quit at once without saving)", file=sys.stderr, flush=True)
+
+    def agreed(self) -> int | None:
+        """The stop request as every process sees it. Multi-host runs must stop (and save, a
+        collective) at the same step although each host gets its own signal, so the flag is
+        gathered from all processes at every step boundary (single-process: no communication)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.int32(self.requested or 0))
+        return int(np.max(flags)) or None
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

@@ -258,7 +258,7 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
             blocks, position = data.train_batch(position, run.batch_size)
             batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
             params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.int32(step))
-            done, stopping = step + 1, stop.requested
+            done, stopping = step + 1, stop.agreed()
             pending.append((done, metrics))
             save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps or stopping)
             eval_now = run.eval_every and done % run.eval_every == 0 and done != run.steps and not stopping
