@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training import data as data_module
@@ -153,6 +154,28 @@ def test_an_injected_nan_batch_stops_the_run_and_nothing_is_exported(corpus, cac
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [4]  # nothing at or after the diverged step
     assert (run_dir / ".lock").read_text() == ""
+
+
+def test_divergence_retries_roll_back_and_skip_the_bad_batch(corpus, cache, tmp_path, capsys, monkeypatch):
+    original = data_module.DataSet.train_batch
+
+    def bad_data(self, position, batch_size):  # the batch of step 6 (data index 40) is always bad
+        blocks, after = original(self, position, batch_size)
+        if position == data_module.DataPosition(0, 5 * batch_size):
+            blocks = blocks.copy()
+            blocks[0, 3] = 10**6
+        return blocks, after
+
+    monkeypatch.setattr(data_module.DataSet, "train_batch", bad_data)
+    run_dir = tmp_path / "run"
+    argv = _argv(run_dir, corpus, cache, **{"run.log_every": 2, "run.divergence_retries": 1})
+    assert main(["--preset", "tiny", *argv]) == 0
+    assert "step 6 diverged: rolled back to the checkpoint at step 4" in capsys.readouterr().out
+    train_records = _records(run_dir)
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(r["loss"]) for r in train_records)
+    assert _records(run_dir, "skipped") == [{"split": "skipped", "step": 6, "rolled_back_to": 4}]
+    assert (run_dir / "model" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("value", ["nan", "-1", "inf", "0"])

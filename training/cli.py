@@ -85,8 +85,10 @@ def check(cfg: TrainConfig) -> None:
         raise ConfigError(f"run.out_dir '{cfg.run.out_dir}' is a file, not a folder; choose another run.out_dir")
     if cfg.data.source != "stdlib" and not _exists(cfg.data.source):
         raise DataError(f"data path '{cfg.data.source}' does not exist")
-    if cfg.init_from and cfg.init_from.lower() not in ("smollm2", "smollm2-135m-instruct") \
-            and not _exists(cfg.init_from):
+    if cfg.init_from and cfg.init_from.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from jaxmodels.convert.gguf import smollm2_gguf_path
+        smollm2_gguf_path()  # CheckpointError if the package is missing
+    elif cfg.init_from and not _exists(cfg.init_from):
         raise ConfigError(f"init_from '{cfg.init_from}' does not exist")
     if (run_dir / LOCK_NAME).exists():
         with RunLock(run_dir, note=lambda _: None) as lock:  # refused if a run holds it

@@ -127,6 +127,7 @@ class RunSection:
     sample_top_k: int = 40
     progress: bool = True  # tqdm progress bar
     decode_report: bool = True  # LayerSkip runs: plain vs self-speculative tokens/s at the end
+    divergence_retries: int = 0  # NaN/Inf loss: roll back to the last checkpoint, skip the batch, N times at most
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -409,7 +410,7 @@ def dump_yaml(cfg: TrainConfig, path: str | Path) -> None:
 # Keys that change how a run is watched or saved, not what it trains: a resumed run may change them.
 RESUME_SAFE_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.eval_every", "run.eval_batches",
                     "run.sample_prompt", "run.sample_tokens", "run.sample_temperature", "run.sample_top_k",
-                    "run.decode_report", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
+                    "run.decode_report", "run.divergence_retries", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
 
 
 def schedule_steps(cfg: TrainConfig) -> int:

@@ -26,7 +26,11 @@ from tqdm import tqdm
 
 
 class DivergenceError(RuntimeError):
-    """The loss or gradient norm became NaN or infinite: the model diverged."""
+    """The loss or gradient norm became NaN or infinite at `step`: the model diverged."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def check_finite(records: list[dict[str, Any]], last_checkpoint: int | None) -> None:
@@ -40,7 +44,8 @@ def check_finite(records: list[dict[str, Any]], last_checkpoint: int | None) -> 
                 f"training diverged at step {r['step']}: {' and '.join(f'{k} = {r[k]}' for k in bad)} "
                 f"(lr {r.get('lr', '?')}). Nothing was exported and no checkpoint of a diverged model was "
                 f"saved; {where}. Lower optimizer.lr, raise schedule.warmup_steps or set "
-                f"optimizer.grad_clip, and check the data")
+                f"optimizer.grad_clip, and check the data (run.divergence_retries=N rolls back to the last "
+                f"checkpoint and skips the batch, N times at most)", step=int(r["step"]))
 
 
 @contextlib.contextmanager
@@ -117,6 +122,12 @@ class Progress:
         self.bar.update(step - self.step_last)
         self.seconds += now - self.t_last
         self.t_last, self.step_last = now, step
+
+    def rewind(self, step: int) -> None:
+        """Move the bar back to `step` (after a rollback to a checkpoint)."""
+        self.bar.n = step
+        self.bar.refresh()
+        self.t_last, self.step_last = time.time(), step
 
     def note(self, message: str) -> None:
         self.bar.write(message)

@@ -43,7 +43,7 @@ from training.config import (ConfigError, TrainConfig, dump_yaml, load_config, r
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.evaluation import evaluate, finish, heldout_batches
 from training.interrupt import Interrupted, StopSignals
-from training.metrics import MetricsLog, Progress, check_finite, phase
+from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, phase
 from training.runlock import RunLock, prepare_run_dir
 from training.step import StepFns, build_steps
 
@@ -244,40 +244,70 @@ def _flush(progress: Progress, pending: list, log: MetricsLog, last_saved: int |
     check_finite(records, last_saved)
 
 
+def _rollback(ckpt: Checkpointer | None, target: dict[str, Any], err: DivergenceError, log: MetricsLog,
+              progress: Progress) -> tuple[int, dict[str, Any], DataPosition]:
+    """Restore the newest checkpoint after a divergence (re-raises `err` if there is none)."""
+    restored = None
+    if ckpt is not None:
+        ckpt.wait()
+        restored = ckpt.restore_latest(target)
+    if restored is None:
+        raise err
+    step, state, meta = restored
+    log.truncate_after(step)
+    log.write({"split": "skipped", "step": err.step, "rolled_back_to": step})
+    progress.rewind(step)
+    log.echo(f"step {err.step} diverged: rolled back to the checkpoint at step {step}; the batch of step "
+             f"{err.step} will be skipped")
+    return step, state, DataPosition.from_dict(meta["data_position"])
+
+
 def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str, Any],
           ckpt: Checkpointer | None, log: MetricsLog) -> tuple[Params, float]:
-    """The training loop, from `setup['start']` to run.steps; returns (params, training seconds)."""
-    run, opt, start, position = cfg.run, cfg.optimizer, setup["start"], setup["position"]
-    bsh, state = parallel.batch_sharding(setup["mesh"]), setup["state"]
-    params, opt_state, rng = state["params"], state["opt_state"], state["rng"]
-    progress = Progress(run.steps, start, run.batch_size * run.seq_len, enabled=run.progress)
+    """The training loop, from `setup['start']` to run.steps; returns (params, training seconds).
+    A divergence rolls back to the last checkpoint and skips the bad batch, `run.divergence_retries` times."""
+    run, opt, step, position = cfg.run, cfg.optimizer, setup["start"], setup["position"]
+    bsh, state = parallel.batch_sharding(setup["mesh"]), dict(setup["state"])
+    progress = Progress(run.steps, step, run.batch_size * run.seq_len, enabled=run.progress)
     pending: list[tuple[int, Any]] = []
-    last_saved = start or None
+    last_saved, skips, retries = step or None, {}, run.divergence_retries
     with StopSignals() as stop:
-        for step in range(start, run.steps):
+        while step < run.steps:
+            for _ in range(skips.get(step + 1, 0)):  # batches that made this step diverge before
+                _, position = data.train_batch(position, run.batch_size)
             blocks, position = data.train_batch(position, run.batch_size)
             batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
-            params, opt_state, metrics = train_step(params, opt_state, batch, rng, jnp.int32(step))
+            state["params"], state["opt_state"], metrics = train_step(
+                state["params"], state["opt_state"], batch, state["rng"], jnp.int32(step))
             done, stopping = step + 1, stop.agreed()
             pending.append((done, metrics))
             save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps or stopping)
             eval_now = run.eval_every and done % run.eval_every == 0 and done != run.steps and not stopping
             # flush before every checkpoint and evaluation: a diverged model is never saved or evaluated
             if done % run.log_every == 0 or done == run.steps or save_now or eval_now or stopping:
-                _flush(progress, pending, log, last_saved)
+                try:
+                    _flush(progress, pending, log, last_saved)
+                except DivergenceError as err:
+                    if retries == 0 or stopping:
+                        raise
+                    retries -= 1
+                    pending.clear()
+                    step, state, position = _rollback(ckpt, state, err, log, progress)
+                    skips[err.step] = skips.get(err.step, 0) + 1
+                    continue
             if eval_now:
-                ev = eval_fn(params, run.eval_batches)
+                ev = eval_fn(state["params"], run.eval_batches)
                 log.write({"split": "heldout", "step": done, **ev})
                 progress.note(f"held-out loss {ev['loss']:.3f} ppl {ev['perplexity']:.1f} acc {ev['accuracy']:.3f}")
             if save_now:
-                ckpt.save(done, {"params": params, "opt_state": opt_state, "rng": rng},
-                          {"data_position": position.to_dict()})
+                ckpt.save(done, state, {"data_position": position.to_dict()})
                 last_saved = done
             if stopping:  # _train closes the checkpointer, which waits for this save
                 progress.close()
                 raise Interrupted(stopping, done, ckpt is not None, run.out_dir)
+            step = done
     progress.close()
-    return params, progress.seconds
+    return state["params"], progress.seconds
 
 
 def _summary(cfg: TrainConfig, ev: dict[str, Any], start: int, t_start: float, seconds: float,

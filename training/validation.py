@@ -40,7 +40,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "run.seq_len": (1, INT_MAX, True, True), "run.log_every": (1, INT_MAX, True, True),
     "run.eval_every": (0, INT_MAX, True, True), "run.eval_batches": (0, INT_MAX, True, True),
     "run.seed": (0, 2**32 - 1, True, True), "run.sample_tokens": (0, INT_MAX, True, True),
-    "run.sample_temperature": (0, None, True, True), "run.sample_top_k": (0, INT_MAX, True, True),
+    "run.sample_temperature": (0, None, True, True), "run.divergence_retries": (0, 1000, True, True), "run.sample_top_k": (0, INT_MAX, True, True),
     "layerskip.dropout_max": (0, 1, True, True), "layerskip.e_scale": (0, None, True, True),
     "layerskip.rotation": (1, INT_MAX, True, True), "layerskip.exit_distill": (0, 1, True, True),
 }
