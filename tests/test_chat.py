@@ -51,7 +51,7 @@ def model_dir(tmp_path_factory):
 def test_a_chat_that_overflows_the_context_continues(capsys, monkeypatch, model_dir):
     lines = ["hello there, model"] * 6 + ["x" * 200, "caf\udce9", "and one more", ""]  # \udce9: byte 0xe9
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    code = main(["--model", model_dir, "--chat", "--max-new-tokens", "16", "--json"])
+    code = main(["--model", model_dir, "--chat", "--system", "Be brief.", "--max-new-tokens", "16", "--json"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert out.count("model> ") == 7  # every line but the one too long for the context on its own

@@ -41,6 +41,7 @@ FLAG_VALUES = {
     "--draft-len": (["2"], ["0", "33", "-1"]),
     "--draft-vocab": (["50"], ["0", "265", "10000000000"]),
     "--early-exit": (["1", "2"], ["0", "3", "-1"]),
+    "--system": (["Be brief."], ["", "\udcff"]),
 }
 BOOL_FLAGS = ["--chat", "--json", "--self-speculative"]
 SAMPLING_ONLY = {"--top-k", "--top-p", "--seed"}
@@ -107,6 +108,7 @@ def _check_cli_outcome(argv, code, out, err):
     assert temperature is not None and math.isfinite(temperature) and temperature >= 0, argv
     assert not (given & SAMPLING_ONLY and temperature == 0), f"sampling flag ignored: {argv}"
     assert not (given & SPEC_ONLY and "--self-speculative" not in argv), f"spec flag ignored: {argv}"
+    assert not ("--system" in given and "--chat" not in argv), f"--system ignored: {argv}"
     if "--json" in argv:
         result = json.loads(out.strip().splitlines()[-1])
         n = int(_given(argv, "--max-new-tokens") or 128)

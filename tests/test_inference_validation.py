@@ -114,6 +114,7 @@ def _cli(capsys, *argv):
     (["--exit-layer", "1"], "--exit-layer: used only with --self-speculative"),
     (["--draft-len", "2", "--draft-vocab", "9"], "--draft-len, --draft-vocab: used only with --self-speculative"),
     (["--self-speculative", "--early-exit", "2"], "alternatives"),
+    (["--system", "be brief"], "--system: used only with --chat"),
     (["--temperature", "nan"], "temperature must be a finite number"),
     (["--temperature", "inf"], "temperature must be a finite number"),
     (["--temperature", "1", "--top-p", "nan"], "top_p must be a finite number"),
