@@ -123,8 +123,9 @@ def decode_sweep(params, config, prompts: list[list[int]], calibration: list[lis
 
 def without_deep_layers(params, exit_layer: int):
     """A copy whose layers [E, L) add nothing to the residual stream (the weights the table marks
-    `residual`, attention output and MLP down projections, zeroed): the exit-E draft then always equals the verifier's token (acceptance 1)
-    while every layer still costs what it did. Timing it gives the decoding loop's ceiling."""
+    `residual`, attention output and MLP down projections, zeroed): the exit-E draft then always
+    equals the verifier's token (acceptance 1) while every layer still costs what it did. Timing it
+    gives the decoding loop's ceiling."""
     zero = lambda lp: {k: jax.tree_util.tree_map(jnp.zeros_like, w) if WEIGHTS[k].residual else w  # noqa: E731
                        for k, w in lp.items()}
     layers = tuple(zero(lp) if i >= exit_layer else lp for i, lp in enumerate(unstack_layers(params)["layers"]))

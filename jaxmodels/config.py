@@ -3,6 +3,10 @@
 Keeping HF's names makes conversion a rename, not a translation: `LlamaConfig.from_hf_dict(json)`
 reads a `config.json`, `to_hf_dict()` writes one. Unknown or unsupported settings raise errors that
 name the field and the fix instead of being silently ignored.
+
+Per-layer variants (which matmul weights of which layers are factorized, at what rank) are
+`layer_variants`, a `weights.LayerVariants`; they are not an HF field, so `to_hf_dict` leaves them
+out and checkpoints keep them in `layer_variants.json` beside `config.json`.
 """
 
 from __future__ import annotations

@@ -85,9 +85,11 @@ def test_shape_checks_and_counts_know_factorized_weights():
     assert config.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert config.num_params() < CONFIG.num_params()
     with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['wq'\]: layer_variants factorizes it"):
-        check_param_shapes(config, {**params, "layers": (params["layers"][0], dict(params["layers"][1], wq=jnp.zeros((3, 64, 64))))})
+        dense_wq = dict(params["layers"][1], wq=jnp.zeros((3, 64, 64)))
+        check_param_shapes(config, {**params, "layers": (params["layers"][0], dense_wq)})
     with pytest.raises(ValueError, match=r"\['layers'\]\['w_up'\]: it is factorized \(rank 16\)"):
-        check_param_shapes(CONFIG, {**PARAMS, "layers": dict(PARAMS["layers"], w_up=svd_factor(PARAMS["layers"]["w_up"][0], 16))})
+        low_up = svd_factor(PARAMS["layers"]["w_up"][0], 16)
+        check_param_shapes(CONFIG, {**PARAMS, "layers": dict(PARAMS["layers"], w_up=low_up)})
     low = params["layers"][1]["w_down"]
     bad = dict(params["layers"][1], w_down=LowRank(low.u[..., :8], low.v[:, :8]))
     with pytest.raises(ValueError, match=r"\['layers'\]\[1\]\['w_down'\]\.u: expected \(3, 128, 16\)"):

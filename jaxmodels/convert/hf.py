@@ -44,7 +44,8 @@ def read_hf_config(folder: str | os.PathLike) -> LlamaConfig:
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}; the file is damaged, re-download it") from err
     config = LlamaConfig.from_hf_dict(raw)
-    variants = read_layer_variants(folder, raw.get(VARIANTS_KEY))
+    named = raw.get(VARIANTS_KEY)
+    variants = read_layer_variants(folder, named if isinstance(named, str) else None)
     if variants is None:
         return config
     try:

