@@ -220,24 +220,34 @@ def test_ctrl_c_twice_exits_at_once_without_a_traceback(corpus, cache, tmp_path)
     assert "Traceback" not in out and "error: interrupted" in out
 
 
-def test_sigterm_with_checkpoints_off_says_nothing_was_saved(corpus, cache, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum, checkpoints", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["sigterm-no-checkpoints", "ctrl-c"])
+def test_a_signal_in_the_loop_stops_at_the_step_boundary(signum, checkpoints, corpus, cache, tmp_path, capsys,
+                                                         monkeypatch):
     original, calls = data_module.DataSet.train_batch, []
 
-    def preempted(self, *args, **kwargs):  # the scheduler's SIGTERM arrives while step 3 runs
+    def preempted(self, *args, **kwargs):  # the signal arrives while step 3 runs
         calls.append(1)
         if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(data_module.DataSet, "train_batch", preempted)
-    before = signal.getsignal(signal.SIGTERM)
-    argv = _argv(tmp_path / "run", corpus, cache, **{"checkpoint.enabled": "false"})
-    argv.remove("checkpoint.every=4")
-    assert main(["--preset", "tiny", *argv]) == 143
+    before = signal.getsignal(signum)
+    argv = _argv(tmp_path / "run", corpus, cache, **{"checkpoint.enabled": str(checkpoints).lower()})
+    if not checkpoints:
+        argv.remove("checkpoint.every=4")
+    assert main(["--preset", "tiny", *argv]) == 128 + signum
     err = capsys.readouterr().err
-    assert "stopped by SIGTERM after step 3; nothing saved" in err and "to resume" not in err
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT (Ctrl-C)"
+    assert f"stopped by {name} after step 3" in err and "Traceback" not in err
+    if checkpoints:
+        assert "saved a checkpoint at step 3" in err and "to resume: python -m training.train --preset tiny" in err
+        assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
+    else:
+        assert "nothing saved" in err and "to resume" not in err
     assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2, 3]
-    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "run" / "model").exists()
+    assert signal.getsignal(signum) is before and not (tmp_path / "run" / "model").exists()
 
 
 def test_stop_signals_request_a_stop_then_quit_and_restore_the_handlers():
