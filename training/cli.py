@@ -1,6 +1,6 @@
 """The training CLI: one validation boundary, one line per error, documented exit codes.
 
-`python -m training.train` parses its arguments here. Every user-supplied value is checked where it
+`python -m training.train` checks its arguments in one place. Every user-supplied value is checked where it
 enters (types, ranges, non-finite numbers, the model shape: `training.validation`), keys that the
 chosen mode would ignore are refused, and every expected failure prints one line `error: ...`:
 
