@@ -81,11 +81,15 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # another open file holds it
             os.close(fd)
             holder = read_holder(self.path) or {}
             raise RunLockedError(f"{self.path.parent} is in use by another training run ({describe(holder)}); "
                                  f"wait for it to finish, stop it, or choose another run.out_dir") from None
+        except OSError as err:
+            os.close(fd)
+            raise RunLockedError(f"cannot lock {self.path}: {err.strerror or err} (a file system without "
+                                 f"file locks?); use a run.out_dir on a local disk") from None
         try:
             self._check_previous(read_holder(self.path))
         except RunLockedError:
