@@ -136,6 +136,23 @@ def _layer_step(ctx: LayerContext, collect_hidden: bool, remat: bool, skippable:
     return maybe_skipped
 
 
+def _run_piece(step: Callable, part: Params, stacked: bool, h: jax.Array,
+               kv: tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]] | None, skip: jax.Array | None
+               ) -> tuple[jax.Array, list, list, jax.Array | None]:
+    """Run one piece of the stack: a stacked segment under `lax.scan`, or one layer's weights.
+
+    kv: the piece's per-layer (K buffers, V buffers) or None; skip: its layers' flags or None.
+    Returns (h, new K buffers, new V buffers, hidden [n, B, T, D] or None).
+    """
+    if stacked:  # the cache goes through as stacked per-layer slices (xs in, ys out)
+        xs = (part, *((None, None) if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))))
+        h, (ks, vs, hid) = jax.lax.scan(step, h, xs if skip is None else (*xs, skip))
+        return h, ([] if kv is None else list(ks)), ([] if kv is None else list(vs)), hid
+    xs = (part, *((None, None) if kv is None else (kv[0][0], kv[1][0])))  # buffers updated in place
+    h, (k, v, hid) = step(h, xs if skip is None else (*xs, skip[0]))
+    return h, ([] if kv is None else [k]), ([] if kv is None else [v]), (None if hid is None else hid[None])
+
+
 def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax.Array,
                cache: KVCache | None = None, *, start: int = 0, stop: int | None = None,
                collect_hidden: bool = False, remat: bool = False, skip: jax.Array | None = None
@@ -165,20 +182,11 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
     k_out, v_out, hidden, i = [], [], [], start
     for part, stacked in layer_pieces(params["layers"], start, stop):
         n = part["attn_norm"].shape[0] if stacked else 1
-        k_in = None if cache is None else cache.k[i:i + n]
-        v_in = None if cache is None else cache.v[i:i + n]
-        if stacked:  # scanned: the cache goes through as stacked per-layer slices (xs in, ys out)
-            xs = (part, *((None, None) if cache is None else (jnp.stack(k_in), jnp.stack(v_in))))
-            h, (ks, vs, hid) = jax.lax.scan(step, h, xs if skip is None else (*xs, skip[i - start:i + n - start]))
-            ks, vs = (ks, vs) if cache is None else (list(ks), list(vs))
-        else:  # one layer, unrolled: its cache buffer is updated in place
-            xs = (part, None if cache is None else k_in[0], None if cache is None else v_in[0])
-            h, (k, v, hid) = step(h, xs if skip is None else (*xs, skip[i - start]))
-            ks, vs, hid = [k], [v], None if hid is None else hid[None]
-        k_out += [] if cache is None else ks
-        v_out += [] if cache is None else vs
+        kv = None if cache is None else (cache.k[i:i + n], cache.v[i:i + n])
+        flags = None if skip is None else skip[i - start:i - start + n]
+        h, ks, vs, hid = _run_piece(step, part, stacked, h, kv, flags)
+        k_out, v_out, i = k_out + ks, v_out + vs, i + n
         hidden.append(hid)
-        i += n
     if cache is not None:
         cache = cache.replace(k=cache.k[:start] + tuple(k_out) + cache.k[stop:],
                               v=cache.v[:start] + tuple(v_out) + cache.v[stop:])
