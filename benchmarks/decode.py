@@ -20,7 +20,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (append_report, markdown_table, measure_read_bandwidth, median_seconds,
+from benchmarks.report import (publish_report, markdown_table, measure_read_bandwidth, median_seconds,
                                parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
@@ -100,7 +100,7 @@ def main() -> None:
     print(body)
     if not args.no_append:
         command = f"python -m benchmarks.decode --new-tokens {args.new_tokens} --repeats {args.repeats}"
-        append_report("Greedy decode: SmolLM2-135M, jaxmodels vs transformers (CPU)", command, body)
+        publish_report("Greedy decode: SmolLM2-135M, jaxmodels vs transformers (CPU)", command, body)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import append_report, command_line, markdown_table
+from benchmarks.report import publish_report, command_line, markdown_table
 from inference.calibrate import choose_exit_and_draft
 from inference.engine import generate_batches
 from inference.speculative import SpecConfig
@@ -223,7 +223,7 @@ def main() -> None:
                       ceiling=not args.no_ceiling)
     print(body)
     if not (args.quick or args.no_append):
-        append_report("LayerSkip: training quality and self-speculative decoding (CPU)",
+        publish_report("LayerSkip: training quality and self-speculative decoding (CPU)",
                       command_line("benchmarks.layerskip"), body)
 
 

@@ -35,7 +35,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import append_report, markdown_table, parse_decode_flags
+from benchmarks.report import publish_report, markdown_table, parse_decode_flags
 from inference import generate
 from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model, save_hf_checkpoint
@@ -201,7 +201,7 @@ def main() -> None:
         command = (f"python -m benchmarks.layerskip_model --model {args.model} --exit-layers "
                    f"{args.exit_layers} --draft-len {args.draft_len} --new-tokens {args.new_tokens} "
                    f"--repeats {args.repeats}")
-        append_report(f"LayerSkip self-speculation: {args.model}, jaxmodels vs transformers early exit (CPU)",
+        publish_report(f"LayerSkip self-speculation: {args.model}, jaxmodels vs transformers early exit (CPU)",
                       command, body)
 
 

@@ -136,8 +136,6 @@ def publish_report(title: str, command: str, body: str) -> None:
     BENCHMARKS_MD.write_text((preamble.strip() or _PREAMBLE.strip()) + "\n\n" + "\n".join(out))
 
 
-append_report = publish_report  # old name, until every benchmark calls publish_report
-
 
 def parse_decode_flags(parser, new_tokens: int):
     """Add the flags the decoding benchmarks share (--new-tokens, --repeats, --quick, --no-append),

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.report import append_report, command_line, best_seconds, markdown_table, median_seconds
+from benchmarks.report import publish_report, command_line, best_seconds, markdown_table, median_seconds
 from jaxmodels.config import LlamaConfig
 from jaxmodels.model import init_params
 from jaxmodels.weights import matmul_param_count
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     body = run(shapes, steps, args.quick, not args.no_torch)
     print(body)
     if not args.no_append and not args.quick:
-        append_report("Training step: tokens/s and MFU, jaxmodels vs PyTorch",
+        publish_report("Training step: tokens/s and MFU, jaxmodels vs PyTorch",
                       command_line("benchmarks.train_step", argv), body)
     return 0
 

@@ -19,7 +19,7 @@ import argparse
 
 import jax
 
-from benchmarks.report import append_report, command_line, markdown_table
+from benchmarks.report import publish_report, command_line, markdown_table
 from benchmarks.train_step import model_config
 from inference.calibrate import measure_decode_costs
 from jaxmodels.model import init_params
@@ -52,7 +52,7 @@ def main() -> None:
                               "layer vs T=1 (cached)", "exit vs T=1"], rows))
     print(body)
     if not args.no_append:
-        append_report("Verification cost: a decoder layer over T tokens per row (CPU)",
+        publish_report("Verification cost: a decoder layer over T tokens per row (CPU)",
                       command_line("benchmarks.verify_cost"), body)
 
 
