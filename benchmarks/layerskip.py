@@ -30,7 +30,8 @@ from inference.speculative import SpecConfig
 from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
 from jaxmodels.weights import WEIGHTS
-from training.config import TrainConfig, load_config, training_differences
+from training.config import TrainConfig, load_config
+from training.resume import training_differences
 from training.data import prepare_data
 from training.layerskip import evaluate_exits, exit_eval_sums
 from training.train import train

@@ -13,7 +13,7 @@ loadable by `jaxmodels.convert.load.load_model` and `python -m inference.generat
 `sample.txt` and `summary.json`. If RUN_DIR has checkpoints the run resumes from the newest complete
 one (`--resume` says so explicitly and fails if there is none); the metrics after that step are
 dropped from `metrics.jsonl`, so the file always describes one continuous run. Raising `run.steps`
-extends a run, also a finished one (the schedule rule: `training.config.resume_config`).
+extends a run, also a finished one (the schedule rule: `training.resume.resume_config`).
 
 Reliability: one run per RUN_DIR (`training.runlock`); a NaN/Inf loss or gradient norm stops the run
 before anything is saved or exported (`training.metrics.check_finite`); SIGTERM and Ctrl-C save a
@@ -38,8 +38,8 @@ from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, check_param_shapes, init_params
 from training import layerskip, parallel
 from training.checkpoint import Checkpointer
-from training.config import (ConfigError, TrainConfig, dump_yaml, load_config, resume_config, schedule_steps,
-                             training_differences)
+from training.config import ConfigError, TrainConfig, dump_yaml, load_config
+from training.resume import resume_config, schedule_steps, training_differences
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.evaluation import evaluate, finish, heldout_batches
 from training.interrupt import Interrupted, StopSignals
