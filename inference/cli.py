@@ -137,7 +137,7 @@ def _load(args: argparse.Namespace):
 
     _progress(f"loading {args.model} ...")
     t0 = time.perf_counter()
-    config, params, tokenizer = load_model(args.model)
+    config, params, tokenizer = load_model(args.model, progress=True)
     _progress(f"loaded {config.num_hidden_layers} layers in {time.perf_counter() - t0:.1f} s")
     if tokenizer is None:
         raise InferenceError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from jaxmodels.config import ConfigError, LlamaConfig
 from jaxmodels.convert.hf import CheckpointError
 from jaxmodels.layers import rope_inverse_frequencies
 from jaxmodels.params import Params, build_params
-from jaxmodels.weights import WeightSpec
+from jaxmodels.weights import LAYER_WEIGHTS, MODEL_WEIGHTS, WeightSpec
 
 # Llama 3.1/3.2 files carry RoPE scaling only as a `rope_freqs.weight` tensor of per-frequency
 # divisors; we recognise the standard llama3 scaling from it (and refuse anything else).
@@ -158,13 +159,24 @@ def gguf_config(reader: Any) -> LlamaConfig:
         raise CheckpointError(f"GGUF metadata describes an unsupported model: {err}") from err
 
 
-def load_gguf(path: str | os.PathLike | Any, dtype: Any = np.float32) -> tuple[LlamaConfig, Params]:
-    """Read a llama.cpp GGUF file (or an open `GGUFReader`) -> (config, params as numpy arrays)."""
+def load_gguf(path: str | os.PathLike | Any, dtype: Any = np.float32, progress: bool = False
+              ) -> tuple[LlamaConfig, Params]:
+    """Read a llama.cpp GGUF file (or an open `GGUFReader`) -> (config, params as numpy arrays);
+    `progress`: a bar on stderr counting dequantized tensors."""
     import gguf
 
     reader = path if isinstance(path, gguf.GGUFReader) else open_gguf(path)
     config = gguf_config(reader)  # GGUF files are dense: no layer variants
     tensors = {t.name: t for t in reader.tensors}
+    wanted = sum(1 for s in MODEL_WEIGHTS if s.present(config)) + len(LAYER_WEIGHTS) * config.num_hidden_layers
+    with tqdm(total=wanted, desc="loading weights", unit="tensor", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        return config, build_params(config, _gguf_taker(config, tensors, dtype, bar.update))
+
+
+def _gguf_taker(config: LlamaConfig, tensors: dict[str, Any], dtype: Any, done: Any) -> Any:
+    """build_params' `take` for a GGUF file: dequantize, unpermute Q/K rows, transpose; `done()` per tensor."""
+    import gguf
 
     def take(spec: WeightSpec, layer: int | None, factor: str | None, shape: tuple[int, ...]) -> np.ndarray:
         name = spec.gguf.format(i=layer)
@@ -184,9 +196,10 @@ def load_gguf(path: str | os.PathLike | Any, dtype: Any = np.float32) -> tuple[L
                                   f"the file is truncated or uses an unsupported quantization") from err
         if spec.rope_heads is not None:
             x = _unpermute_rows(x, spec.rope_heads(config))
+        done()
         return np.array(x.T if spec.matmul else x, dtype=dtype)  # copies: no view into the memmap
 
-    return config, build_params(config, take)
+    return take
 
 
 def smollm2_gguf_path() -> Path:

@@ -7,8 +7,15 @@ come from the weight table (`jaxmodels.weights`).
 A model with per-layer variants (factorized weights) also gets `layer_variants.json` beside
 `config.json`, and config.json names it under `jaxmodels_layer_variants`; a factorized weight is
 stored as `<hf name>_u` [r, in] and `<hf name>_v` [out, r] (HF-style transposed), so the folder
-reloads as the same low-rank model. transformers cannot load such a folder; merge the factors
-first. A dense model writes no such file and stays a plain HF folder.
+reloads as the same low-rank model.
+
+transformers cannot run factorized weights, and given a Llama config.json it would load such a folder
+with those weights missing and randomly initialised (a warning only). So a low-rank folder is marked
+to make transformers refuse it: config.json says `model_type: jaxmodels_lowrank_llama` (AutoModel
+raises "does not recognize this architecture") and the weights are `lowrank*.safetensors`, not
+`model*.safetensors` (`LlamaForCausalLM.from_pretrained` raises "no file named model.safetensors").
+Our loaders read both layouts. `save_hf_checkpoint(..., merge=True)` writes a plain HF folder with
+every `u @ v` merged into a dense weight. A dense model writes no variants file and stays plain.
 """
 
 from __future__ import annotations
@@ -20,14 +27,20 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from jaxmodels.config import ConfigError, LlamaConfig
-from jaxmodels.params import Params, build_params, iter_weights
+from jaxmodels.params import Params, build_params, iter_weights, with_variants
 from jaxmodels.weights import LayerVariants, WeightSpec, hf_name, layer_ranks
 
 VARIANTS_FILE = "layer_variants.json"
 VARIANTS_KEY = "jaxmodels_layer_variants"  # in config.json: the variants file's name
 SHARD_BYTES = 2 * 1024**3
+LOWRANK_MODEL_TYPE = "jaxmodels_lowrank_llama"  # config.json model_type of a low-rank folder
+LOWRANK_ARCHITECTURE = "JaxmodelsLowRankLlamaForCausalLM"
+LOWRANK_NOTE = ("factorized (low-rank) weights that transformers cannot load; export a merged copy with "
+                "`python -m training.compress --merge --model THIS_FOLDER --out HF_FOLDER`")
+WEIGHT_PREFIXES = {False: "model", True: "lowrank"}  # weight file names: dense / low-rank folders
 
 
 class CheckpointError(ValueError):
@@ -43,8 +56,14 @@ def read_hf_config(folder: str | os.PathLike) -> LlamaConfig:
         raw = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {path}: {err}; the file is damaged, re-download it") from err
-    config = LlamaConfig.from_hf_dict(raw)
     named = raw.get(VARIANTS_KEY)
+    if raw.get("model_type") == LOWRANK_MODEL_TYPE:  # our marked low-rank folder: Llama inside
+        if not isinstance(named, str):
+            raise CheckpointError(f"{path} marks a low-rank model (model_type {LOWRANK_MODEL_TYPE}) but names "
+                                  f"no variants file under '{VARIANTS_KEY}'; add '\"{VARIANTS_KEY}\": "
+                                  f"\"{VARIANTS_FILE}\"' to it")
+        raw = {**raw, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    config = LlamaConfig.from_hf_dict(raw)
     variants = read_layer_variants(folder, named if isinstance(named, str) else None)
     if variants is None:
         return config
@@ -72,8 +91,9 @@ def read_layer_variants(folder: str | os.PathLike, named: str | None = None) -> 
 
 
 def _tensor_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
+    indexes = [folder / f"{p}.safetensors.index.json" for p in WEIGHT_PREFIXES.values()]
+    index = next((i for i in indexes if i.is_file()), None)
+    if index is not None:
         try:
             names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (json.JSONDecodeError, KeyError) as err:
@@ -90,15 +110,23 @@ def _tensor_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_tensors(files: list[Path]) -> dict[str, np.ndarray]:
+def _read_tensors(files: list[Path], progress: bool = False) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors files; with `progress`, a bar (stderr) counting tensors."""
     tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        try:
-            with safe_open(str(file), framework="np") as f:
-                for name in f.keys():
-                    tensors[name] = f.get_tensor(name)
-        except Exception as err:  # safetensors raises several private error types
-            raise CheckpointError(f"cannot read {file}: {err}; the file is damaged or truncated") from err
+    bar = tqdm(total=0, desc="loading weights", unit="tensor", disable=not progress, leave=False,
+               dynamic_ncols=True)
+    with bar:
+        for file in files:
+            try:
+                with safe_open(str(file), framework="np") as f:
+                    names = list(f.keys())
+                    bar.total += len(names)
+                    bar.refresh()
+                    for name in names:
+                        tensors[name] = f.get_tensor(name)
+                        bar.update()
+            except Exception as err:  # safetensors raises several private error types
+                raise CheckpointError(f"cannot read {file}: {err}; the file is damaged or truncated") from err
     return tensors
 
 
@@ -143,13 +171,14 @@ def params_from_hf_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray],
     return build_params(config, take)
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, dtype=np.float32) -> tuple[LlamaConfig, Params]:
-    """Read a Hugging Face Llama folder -> (config, params as numpy arrays)."""
+def load_hf_checkpoint(folder: str | os.PathLike, dtype=np.float32, progress: bool = False
+                       ) -> tuple[LlamaConfig, Params]:
+    """Read a Hugging Face Llama folder -> (config, params as numpy arrays); `progress`: a bar."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist")
     config = read_hf_config(folder)
-    params = params_from_hf_tensors(config, _read_tensors(_tensor_files(folder)), dtype)
+    params = params_from_hf_tensors(config, _read_tensors(_tensor_files(folder), progress), dtype)
     return config, params
 
 
@@ -162,21 +191,27 @@ def hf_tensors_from_params(config: LlamaConfig, params: Params) -> dict[str, np.
     return out
 
 
-def save_hf_checkpoint(folder: str | os.PathLike, config: LlamaConfig, params: Params,
-                       shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write config.json + safetensors (sharded with an index above `shard_bytes`), and
-    layer_variants.json when the config has per-layer variants."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors_from_params(config, params)
-    hf_config = config.to_hf_dict()
-    hf_config["torch_dtype"] = str(next(iter(tensors.values())).dtype)
+def hf_config_dict(config: LlamaConfig, dtype: str) -> dict:
+    """config.json's contents; a low-rank model is marked so transformers refuses it (module doc)."""
+    out = config.to_hf_dict()
+    out["torch_dtype"] = dtype
     if config.layer_variants is not None:
-        hf_config[VARIANTS_KEY] = VARIANTS_FILE
-        (folder / VARIANTS_FILE).write_text(json.dumps(config.layer_variants.to_json(), indent=1))
-    elif (folder / VARIANTS_FILE).exists():  # overwriting a low-rank save with a dense one
-        (folder / VARIANTS_FILE).unlink()
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+        out.update(model_type=LOWRANK_MODEL_TYPE, architectures=[LOWRANK_ARCHITECTURE],
+                   jaxmodels_note=LOWRANK_NOTE)
+        out[VARIANTS_KEY] = VARIANTS_FILE
+    return out
+
+
+def _clear_weights(folder: Path) -> None:
+    """Remove the weight files (and variants file) an earlier save left, dense or low-rank, so a
+    folder never mixes two models."""
+    for prefix in WEIGHT_PREFIXES.values():
+        for old in [*folder.glob(f"{prefix}*.safetensors"), folder / f"{prefix}.safetensors.index.json"]:
+            old.unlink(missing_ok=True)
+    (folder / VARIANTS_FILE).unlink(missing_ok=True)
+
+
+def _shards(tensors: dict[str, np.ndarray], shard_bytes: int) -> list[dict[str, np.ndarray]]:
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, x in tensors.items():
@@ -185,20 +220,40 @@ def save_hf_checkpoint(folder: str | os.PathLike, config: LlamaConfig, params: P
             size = 0
         shards[-1][name] = x
         size += x.nbytes
+    return shards
+
+
+def save_hf_checkpoint(folder: str | os.PathLike, config: LlamaConfig, params: Params,
+                       shard_bytes: int = SHARD_BYTES, merge: bool = False) -> Path:
+    """Write config.json + safetensors (sharded with an index above `shard_bytes`), and
+    layer_variants.json when the config has per-layer variants (a marked low-rank folder). With
+    `merge`, factorized weights are merged (u @ v) first: a plain HF folder transformers loads."""
+    if merge and config.layer_variants is not None:
+        config, params = with_variants(config, params, None)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors_from_params(config, params)
+    _clear_weights(folder)
+    if config.layer_variants is not None:
+        (folder / VARIANTS_FILE).write_text(json.dumps(config.layer_variants.to_json(), indent=1))
+    hf_config = hf_config_dict(config, str(next(iter(tensors.values())).dtype))
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    prefix = WEIGHT_PREFIXES[config.layer_variants is not None]
+    shards = _shards(tensors, shard_bytes)
     if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(shards[0], str(folder / f"{prefix}.safetensors"), metadata={"format": "pt"})
         return folder
     weight_map = {}
     for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        fname = f"{prefix}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(x.nbytes for x in tensors.values())
-    (folder / "model.safetensors.index.json").write_text(
+    (folder / f"{prefix}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return folder
 
 
 __all__ = ["CheckpointError", "ConfigError", "load_hf_checkpoint", "save_hf_checkpoint",
            "read_hf_config", "read_layer_variants", "params_from_hf_tensors", "hf_tensors_from_params",
-           "VARIANTS_FILE"]
+           "VARIANTS_FILE", "LOWRANK_MODEL_TYPE", "hf_config_dict"]

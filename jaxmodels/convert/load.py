@@ -28,15 +28,16 @@ ACCEPTED = ("'smollm2', a .gguf file, a Hugging Face model folder (config.json +
             "jaxmodels run folder (with model/config.json)")
 
 
-def _hf_folder(folder: Path, dtype: Any) -> tuple[LlamaConfig, Params, Tokenizer | None]:
-    config, params = load_hf_checkpoint(folder, dtype)
+def _hf_folder(folder: Path, dtype: Any, progress: bool) -> tuple[LlamaConfig, Params, Tokenizer | None]:
+    config, params = load_hf_checkpoint(folder, dtype, progress)
     tokenizer = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     return config, params, tokenizer
 
 
-def load_model(path: str | os.PathLike, dtype: Any = np.float32
+def load_model(path: str | os.PathLike, dtype: Any = np.float32, progress: bool = False
                ) -> tuple[LlamaConfig, Params, Tokenizer | None]:
-    """Load weights (numpy arrays in our tree layout), config and tokenizer (None if there is none)."""
+    """Load weights (numpy arrays in our tree layout), config and tokenizer (None if there is none).
+    `progress`: a progress bar on stderr counting tensors (CLIs turn it on; the library is quiet)."""
     if str(path).lower() in ALIASES:
         path = ALIASES[str(path).lower()]()
     path = Path(path)
@@ -46,7 +47,7 @@ def load_model(path: str | os.PathLike, dtype: Any = np.float32
         if path.suffix.lower() != ".gguf":
             raise CheckpointError(f"{path} is a file but not a .gguf; pass {ACCEPTED}")
         reader = open_gguf(path)
-        config, params = load_gguf(reader, dtype)
+        config, params = load_gguf(reader, dtype, progress)
         tokenizer = None
         if "tokenizer.ggml.model" in reader.fields:  # weights-only files carry no tokenizer
             try:
@@ -55,9 +56,9 @@ def load_model(path: str | os.PathLike, dtype: Any = np.float32
                 warnings.warn(f"{path}: weights loaded without a tokenizer: {err}", stacklevel=2)
         return config, params, tokenizer
     if (path / "config.json").is_file():
-        return _hf_folder(path, dtype)
+        return _hf_folder(path, dtype, progress)
     if (path / "model" / "config.json").is_file():
-        return _hf_folder(path / "model", dtype)
+        return _hf_folder(path / "model", dtype, progress)
     ggufs = sorted(path.glob("*.gguf"))
     hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
     raise CheckpointError(f"{path} has no config.json or model/config.json{hint}; pass {ACCEPTED}")
