@@ -30,6 +30,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 LAYERSKIP_CURRICULA = ("none", "rotational", "gradual")
 EXIT_SCALES = ("sum_l", "linear_l", "sqrt_l", "uniform")
 DROPOUT_SCHEDULES = ("constant", "exp")
+LOWRANK_METHODS = ("none", "pufferfish", "cuttlefish")
+LOWRANK_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 
 
 class ConfigError(ValueError):
@@ -170,6 +172,35 @@ class LayerSkipSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankSection:
+    """Low-rank training (Pufferfish / Cuttlefish, see training/lowrank.py); off by default."""
+
+    method: str = "none"  # none | pufferfish | cuttlefish
+    rank_ratio: float = 0.25  # pufferfish: rank = rank_ratio * min(m, n), in (0, 1]
+    full_rank_layers: int = 1  # the first K layers stay dense (hybrid)
+    warmup_steps: int = 100  # full-rank steps before the switch (cuttlefish: the earliest switch)
+    targets: tuple[str, ...] = LOWRANK_TARGETS  # which matmul weights of a layer are factorized
+    rank_multiple: int = 8  # ranks rounded up to a multiple of this (matmul tiles)
+    track_every: int = 10  # cuttlefish: measure stable ranks every N steps
+    window: int = 3  # cuttlefish: settled = relative change < threshold over this many measurements
+    threshold: float = 0.02  # cuttlefish: relative change of every scaled stable rank
+    power_iters: int = 20  # cuttlefish: power iterations per spectral-norm estimate
+    frobenius_decay: float = 0.0  # lambda of lambda/2 * sum ||u v||_F^2 after the switch (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.method not in LOWRANK_METHODS:
+            raise ConfigError(f"lowrank.method must be one of {LOWRANK_METHODS}, got '{self.method}'")
+        bad = [t for t in self.targets if t not in LOWRANK_TARGETS]
+        if bad or not self.targets:
+            raise ConfigError(f"lowrank.targets: {bad or 'empty'} is not a list of factorizable weights; "
+                              f"choose from {', '.join(LOWRANK_TARGETS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything one training run needs. `init_from` starts from an imported checkpoint."""
 
@@ -181,6 +212,7 @@ class TrainConfig:
     mesh: MeshSection = MeshSection()
     run: RunSection = RunSection()
     layerskip: LayerSkipSection = LayerSkipSection()
+    lowrank: LowRankSection = LowRankSection()
     init_from: str | None = None  # HF folder, .gguf file or run folder (uses its tokenizer)
 
     def replace(self, **flat: Any) -> "TrainConfig":

@@ -36,7 +36,8 @@ from jax.sharding import Mesh
 from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, check_param_shapes, init_params
-from training import layerskip, parallel
+from jaxmodels.weights import matmul_param_count
+from training import layerskip, lowrank, parallel
 from training.checkpoint import Checkpointer
 from training.config import ConfigError, TrainConfig, dump_yaml, load_config
 from training.resume import resume_config, schedule_steps, training_differences
@@ -45,7 +46,7 @@ from training.evaluation import evaluate, finish, heldout_batches
 from training.interrupt import Interrupted, StopSignals
 from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, phase
 from training.runlock import RunLock, prepare_run_dir
-from training.step import StepFns, build_steps
+from training.step import StepFns, build_steps, next_token_loss
 
 
 # --------------------------------------------------------------------------- model and state
@@ -168,9 +169,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) 
     cfg, ckpt = _open_checkpoints(cfg, run_dir, resume)
     try:
         model_config, imported, data = _model_and_data(cfg, log)
+        model_config, imported, switched = _lowrank_resume(cfg, run_dir, ckpt, model_config, imported, log)
         setup = _setup(cfg, model_config, imported, devices, ckpt, log)
+        setup.update(model_config=model_config, switched=switched)
         train_step, eval_fn = _compile(cfg, model_config, data, setup, log)
         params, seconds = _loop(cfg, data, train_step, eval_fn, setup, ckpt, log)
+        model_config, eval_fn = setup["model_config"], setup.get("eval_fn", eval_fn)
     except KeyboardInterrupt:
         raise  # quit at once: an unfinished save leaves a tmp folder that the next start removes
     except BaseException:
@@ -183,6 +187,36 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) 
     return _summary(cfg, ev, setup["start"], t_start, seconds, model_config, log)
 
 
+def make_fns(cfg: TrainConfig, model_config: LlamaConfig) -> StepFns:
+    """The step functions for this model config: LayerSkip's loss or next-token loss, plus the
+    Frobenius decay of factorized weights when `lowrank.frobenius_decay` > 0 (after the switch)."""
+    total, dtype, remat = schedule_steps(cfg), jnp.dtype(cfg.model.compute_dtype), cfg.model.remat
+    if cfg.layerskip.enabled:
+        base = layerskip.make_loss(model_config, cfg.layerskip, total, dtype, remat)
+    else:
+        def base(params, batch, rng, step):
+            return next_token_loss(params, model_config, batch, rng, step, compute_dtype=dtype, remat=remat)
+    decay = cfg.lowrank.frobenius_decay
+    loss_fn = base
+    if decay > 0 and model_config.layer_variants is not None:
+        def loss_fn(params, batch, rng, step):
+            loss, aux = base(params, batch, rng, step)
+            return loss + 0.5 * decay * lowrank.frobenius_decay(params), aux
+    return build_steps(model_config, cfg.optimizer, cfg.schedule, total, cfg.model.compute_dtype, remat, loss_fn)
+
+
+def _lowrank_resume(cfg: TrainConfig, run_dir: Path, ckpt: Checkpointer | None, model_config: LlamaConfig,
+                    imported: Params | None, log: MetricsLog) -> tuple[LlamaConfig, Params | None, bool]:
+    """A resume from a checkpoint after the low-rank switch trains the low-rank model: the model
+    config gets the recorded `layer_variants` before any state is built or restored."""
+    steps = ckpt.steps() if ckpt is not None and cfg.lowrank.enabled else []
+    found = lowrank.resume_variants(run_dir, steps[-1] if steps else None)
+    if found is None:
+        return model_config, imported, False
+    log.echo(f"lowrank: the run switched to low rank at step {found[0]}; resuming low-rank")
+    return model_config.replace(layer_variants=found[1]), None, True
+
+
 def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None, devices: list | None,
            ckpt: Checkpointer | None, log: MetricsLog) -> dict[str, Any]:
     """Mesh, step functions and state: fresh, imported, or restored from the newest complete checkpoint."""
@@ -190,17 +224,14 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
     mesh = parallel.make_mesh(cfg.mesh, devices)
     parallel.check_batch(mesh, run.batch_size // opt.grad_accum)
     total = schedule_steps(cfg)
-    loss_fn = None
-    if cfg.layerskip.enabled:
-        loss_fn = layerskip.make_loss(model_config, cfg.layerskip, total, jnp.dtype(cfg.model.compute_dtype),
-                                      cfg.model.remat)
-    fns = build_steps(model_config, opt, cfg.schedule, total, cfg.model.compute_dtype, cfg.model.remat, loss_fn)
+    fns = make_fns(cfg, model_config)
     state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported)
-    start, position, run_dir = 0, DataPosition(), Path(run.out_dir)
+    start, position, run_dir, history = 0, DataPosition(), Path(run.out_dir), []
     restored = ckpt.restore_latest(state) if ckpt is not None else None
     if restored is not None:
         start, state, meta = restored
         position = DataPosition.from_dict(meta["data_position"])
+        history = meta.get("lowrank_history", [])
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
     dump_yaml(cfg, run_dir / "config.yaml")
     log.truncate_after(start)
@@ -209,7 +240,7 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
              f"{run.seq_len} tokens ({opt.grad_accum} micro-batches); {run.steps} steps"
              + (f" (schedules over {total})" if total != run.steps else ""))
     return {"mesh": mesh, "fns": fns, "state": state, "param_sh": param_sh, "opt_sh": opt_sh,
-            "start": start, "position": position}
+            "start": start, "position": position, "lowrank_history": history}
 
 
 def _compile(cfg: TrainConfig, model_config: LlamaConfig, data: DataSet, setup: dict[str, Any],
@@ -273,6 +304,12 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
     last_saved, skips, retries = step or None, {}, run.divergence_retries
     with StopSignals() as stop:
         while step < run.steps:
+            variants = _lowrank_due(cfg, state, step, setup, log) if cfg.lowrank.enabled else None
+            if variants is not None:  # log what the full-rank steps did, then switch and recompile once
+                if pending:
+                    _flush(progress, pending, log, last_saved)
+                train_step, eval_fn = _switch(cfg, data, state, step, variants, setup, log)
+                setup["eval_fn"] = eval_fn
             for _ in range(skips.get(step + 1, 0)):  # batches that made this step diverge before
                 _, position = data.train_batch(position, run.batch_size)
             blocks, position = data.train_batch(position, run.batch_size)
@@ -293,6 +330,7 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
                     retries -= 1
                     pending.clear()
                     step, state, position = _rollback(ckpt, state, err, log, progress)
+                    setup["lowrank_history"][:] = [h for h in setup["lowrank_history"] if h["step"] < step]
                     skips[err.step] = skips.get(err.step, 0) + 1
                     continue
             if eval_now:
@@ -300,7 +338,8 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
                 log.write({"split": "heldout", "step": done, **ev})
                 progress.note(f"held-out loss {ev['loss']:.3f} ppl {ev['perplexity']:.1f} acc {ev['accuracy']:.3f}")
             if save_now:
-                ckpt.save(done, state, {"data_position": position.to_dict()})
+                ckpt.save(done, state, {"data_position": position.to_dict(),
+                                        "lowrank_history": list(setup["lowrank_history"])})
                 last_saved = done
             if stopping:  # _train closes the checkpointer, which waits for this save
                 progress.close()
@@ -308,6 +347,57 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
             step = done
     progress.close()
     return state["params"], progress.seconds
+
+
+def _lowrank_due(cfg: TrainConfig, state: dict[str, Any], step: int, setup: dict[str, Any],
+                 log: MetricsLog) -> Any:
+    """The LayerVariants to switch to before training step `step` + 1, or None. Pufferfish: after
+    `warmup_steps` steps. Cuttlefish: measures scaled stable ranks every `track_every` steps (kept in
+    setup['lowrank_history'], checkpointed) and switches once they have settled."""
+    lr, config = cfg.lowrank, setup["model_config"]
+    if setup["switched"] or step >= cfg.run.steps:
+        return None
+    if lr.method == "pufferfish":
+        if step < lr.warmup_steps:
+            return None
+        return lowrank.pufferfish_variants(config, lr.targets, lr.rank_ratio, lr.full_rank_layers, lr.rank_multiple)
+    history = setup["lowrank_history"]
+    if step % lr.track_every or (history and history[-1]["step"] >= step):
+        return None
+    if "track" not in setup:
+        setup["track"] = jax.jit(lambda p: lowrank.track_ranks(p, lr.targets, lr.power_iters))
+    ranks = jax.device_get(setup["track"](state["params"]))
+    history.append({"step": step, "ranks": {k: [float(x) for x in v] for k, v in ranks.items()}})
+    if step < lr.warmup_steps or not lowrank.ranks_settled([h["ranks"] for h in history], lr.window, lr.threshold):
+        return None
+    scaled = {k: np.asarray(v) for k, v in history[-1]["ranks"].items()}
+    return lowrank.cuttlefish_variants(config, scaled, lr.full_rank_layers, lr.rank_multiple)
+
+
+def _switch(cfg: TrainConfig, data: DataSet, state: dict[str, Any], step: int, variants: Any,
+            setup: dict[str, Any], log: MetricsLog):
+    """Replace the targeted weights by their SVD factors, their AdamW moments by zeros (the others'
+    kept: `lowrank.switch_opt_state`), rebuild and recompile the step; record the switch."""
+    old = setup["model_config"]
+    new = old.replace(layer_variants=variants)
+    with phase(f"low-rank switch at step {step} ({cfg.lowrank.method}): SVD of the targeted weights"):
+        params, opt_state = jax.jit(lambda p, o: (lowrank.switch_params(new, p),  # one program, on device
+                                                  lowrank.switch_opt_state(new, p, o)))(state["params"], state["opt_state"])
+        fns = make_fns(cfg, new)
+        param_sh = parallel.state_shardings(params, setup["mesh"])
+        opt_sh = parallel.state_shardings(opt_state, setup["mesh"])
+        state["params"], state["opt_state"] = parallel.put(params, param_sh), parallel.put(opt_state, opt_sh)
+    setup.update(model_config=new, switched=True, fns=fns, param_sh=param_sh, opt_sh=opt_sh, state=state)
+    record = {"method": cfg.lowrank.method, "params_before": old.num_params(), "params_after": new.num_params(),
+              "flops_per_token_before": 2 * matmul_param_count(old),
+              "flops_per_token_after": 2 * matmul_param_count(new)}
+    lowrank.write_record(Path(cfg.run.out_dir), step, variants, record)
+    log.write({"split": "lowrank", "step": step + 1, "switch_step": step, **record,
+               "ranks": variants.to_json()["layers"]})
+    log.echo(f"lowrank: switched after step {step}: {record['params_before'] / 1e6:.2f}M -> "
+             f"{record['params_after'] / 1e6:.2f}M parameters, matmul FLOPs/token "
+             f"{record['flops_per_token_before']:,} -> {record['flops_per_token_after']:,}")
+    return _compile(cfg, new, data, setup, log)
 
 
 def _summary(cfg: TrainConfig, ev: dict[str, Any], start: int, t_start: float, seconds: float,

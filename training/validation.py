@@ -42,7 +42,12 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "run.seed": (0, 2**32 - 1, True, True), "run.sample_tokens": (0, INT_MAX, True, True),
     "run.sample_temperature": (0, None, True, True), "run.divergence_retries": (0, 1000, True, True), "run.sample_top_k": (0, INT_MAX, True, True),
     "layerskip.dropout_max": (0, 1, True, True), "layerskip.e_scale": (0, None, True, True),
-    "layerskip.rotation": (1, INT_MAX, True, True), "layerskip.exit_distill": (0, 1, True, True),
+    "layerskip.rotation": (1, INT_MAX, True, True),
+    "lowrank.rank_ratio": (0, 1, False, True), "lowrank.full_rank_layers": (0, INT_MAX, True, True),
+    "lowrank.warmup_steps": (0, INT_MAX, True, True), "lowrank.rank_multiple": (1, INT_MAX, True, True),
+    "lowrank.track_every": (1, INT_MAX, True, True), "lowrank.window": (1, INT_MAX, True, True),
+    "lowrank.threshold": (0, None, False, True), "lowrank.power_iters": (1, 1000, True, True),
+    "lowrank.frobenius_decay": (0, None, True, True), "layerskip.exit_distill": (0, 1, True, True),
 }
 PATH_KEYS = ("run.out_dir", "data.source", "data.tokenizer", "data.cache_dir", "init_from")
 MODEL_SHAPE_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
@@ -123,6 +128,11 @@ def validate(cfg: TrainConfig) -> None:
                           f"beyond what one step can index; lower one of them")
     if not cfg.init_from:
         check_model_shape(cfg)
+    lr = cfg.lowrank
+    if lr.enabled and not cfg.init_from and lr.full_rank_layers >= cfg.model.num_hidden_layers:
+        raise ConfigError(f"lowrank.full_rank_layers={lr.full_rank_layers} leaves no layer to factorize "
+                          f"(model.num_hidden_layers={cfg.model.num_hidden_layers}); use 0 to "
+                          f"{cfg.model.num_hidden_layers - 1}, or lowrank.method=none")
 
 
 def ineffective_keys(cfg: TrainConfig, given: list[str], resume: bool = False) -> list[str]:
