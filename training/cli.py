@@ -11,6 +11,12 @@ chosen mode would ignore are refused, and every expected failure prints one line
     130  SIGINT (Ctrl-C), after a checkpoint at the next step boundary (a second Ctrl-C: at once)
     143  SIGTERM (preemption), after a checkpoint at the next step boundary
 
+Multi-process (multi-host) runs: start one `python -m training.train` per process with the same
+arguments and `JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i` (i = 0..N-1;
+process 0 hosts the coordinator); the CLI then calls `jax.distributed.initialize` before any JAX work.
+`JAX_DISTRIBUTED=auto` calls it without arguments, for clusters JAX detects itself (Cloud TPU, Slurm).
+Process 0 holds RUN_DIR's lock; a signal to any process stops all of them at the same step.
+
 `--check` validates the whole command without loading data or building arrays: the config and model
 shape, keys without effect, RUN_DIR (not a file, not locked, resumable with this config), and that
 `data.source` and `init_from` exist.
@@ -103,6 +109,36 @@ def check(cfg: TrainConfig) -> None:
           f"into {run_dir}")
 
 
+def _env_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name}={value!r} must be an integer (multi-process runs set JAX_COORDINATOR_ADDRESS, "
+                          f"JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
+
+
+def init_distributed() -> None:
+    """Join a multi-process JAX cluster when the environment asks for one (see the module docstring).
+
+    Must run before anything initializes the JAX backend; a single-process run does nothing here."""
+    import jax
+
+    if os.environ.get("JAX_DISTRIBUTED", "").lower() == "auto":
+        jax.distributed.initialize()
+        return
+    if "JAX_COORDINATOR_ADDRESS" not in os.environ and "JAX_NUM_PROCESSES" not in os.environ:
+        return
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    count, index = _env_int("JAX_NUM_PROCESSES"), _env_int("JAX_PROCESS_ID")
+    if not address or count < 1 or not 0 <= index < count:
+        raise ConfigError(f"multi-process run: JAX_COORDINATOR_ADDRESS={address!r}, JAX_NUM_PROCESSES={count}, "
+                          f"JAX_PROCESS_ID={index}: need host:port, N >= 1 and 0 <= id < N")
+    timeout = int(os.environ.get("JAX_DISTRIBUTED_TIMEOUT", "300"))
+    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
+                               initialization_timeout=timeout)
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from training.train import train
 
@@ -116,6 +152,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.check:
         check(cfg)
         return 0
+    init_distributed()
     try:
         train(cfg, resume=args.resume)
     except Interrupted as stop:
