@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import safe_open
@@ -110,23 +111,29 @@ def _tensor_files(folder: Path) -> list[Path]:
     return files
 
 
+def _open(file: Path, read: Any) -> Any:
+    """read(safe_open handle) for one file, its errors as a CheckpointError."""
+    try:
+        with safe_open(str(file), framework="np") as f:
+            return read(f)
+    except Exception as err:  # safetensors raises several private error types
+        raise CheckpointError(f"cannot read {file}: {err}; the file is damaged or truncated") from err
+
+
 def _read_tensors(files: list[Path], progress: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of the safetensors files; with `progress`, a bar (stderr) counting tensors."""
+    total = sum(_open(file, lambda f: len(list(f.keys()))) for file in files) if progress else 0
     tensors: dict[str, np.ndarray] = {}
-    bar = tqdm(total=0, desc="loading weights", unit="tensor", disable=not progress, leave=False,
-               dynamic_ncols=True)
-    with bar:
+    with tqdm(total=total, desc="loading weights", unit="tensor", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+
+        def read(f: Any) -> None:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+                bar.update()
+
         for file in files:
-            try:
-                with safe_open(str(file), framework="np") as f:
-                    names = list(f.keys())
-                    bar.total += len(names)
-                    bar.refresh()
-                    for name in names:
-                        tensors[name] = f.get_tensor(name)
-                        bar.update()
-            except Exception as err:  # safetensors raises several private error types
-                raise CheckpointError(f"cannot read {file}: {err}; the file is damaged or truncated") from err
+            _open(file, read)
     return tensors
 
 
