@@ -125,3 +125,13 @@ def test_loading_shows_a_progress_bar_only_when_asked(tiny, capsys):
     assert capsys.readouterr().err == ""
     load_model(folder, progress=True)
     assert "loading weights" in capsys.readouterr().err
+
+
+def test_benchmark_smoke_prints_a_table_for_a_tiny_model(tiny):
+    from benchmarks.compress import run
+
+    folder, _, _ = tiny
+    body, rows = run(str(folder), [0.25], [0.9], 0, eval_tokens=64, new_tokens=4, repeats=1)
+    assert [r["setting"] for r in rows] == ["dense", "rank ratio 0.25", "energy 0.9"]
+    assert rows[1]["params"] < rows[0]["params"] and rows[0]["speedup"] == 1.0
+    assert body.startswith("| setting |") and "Target (>= 1.3x decode)" in body

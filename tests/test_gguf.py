@@ -297,3 +297,12 @@ def test_load_model_dispatch(tmp_path, small_model):
     assert tok3 is not None and tok3.encode("hi hi") == [5, 5] and tok3.eos_token_ids == (2,)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_gguf_load_shows_a_progress_bar_only_when_asked(tmp_path, small_model, capsys):
+    path = write_gguf(tmp_path / "m.gguf", small_model)
+    load_model(path)
+    assert capsys.readouterr().err == ""
+    load_model(path, progress=True)
+    err = capsys.readouterr().err
+    assert "loading weights" in err and "/21" in err  # tensors: 2 layers x 9 + embed, final norm, head
