@@ -124,6 +124,28 @@ def ranks_settled(history: Sequence[dict[str, Sequence[float]]], window: int, th
                for k in new for a, b in zip(old[k], new[k]))
 
 
+def due(lr: Any, config: LlamaConfig, params: Params, step: int, memo: dict[str, Any]) -> LayerVariants | None:
+    """The variants to switch to before training step `step` + 1, or None (`lr`: the config's
+    LowRankSection). Pufferfish: once `warmup_steps` steps are done. Cuttlefish: measures the scaled
+    stable ranks every `track_every` steps into memo['lowrank_history'] (checkpointed with the
+    run, so a resume sees the same history) and switches once they have settled."""
+    if lr.method == "pufferfish":
+        if step < lr.warmup_steps:
+            return None
+        return pufferfish_variants(config, lr.targets, lr.rank_ratio, lr.full_rank_layers, lr.rank_multiple)
+    history = memo["lowrank_history"]
+    if step % lr.track_every or (history and history[-1]["step"] >= step):
+        return None
+    if "track" not in memo:  # compiled once per run
+        memo["track"] = jax.jit(lambda p: track_ranks(p, lr.targets, lr.power_iters))
+    ranks = jax.device_get(memo["track"](params))
+    history.append({"step": step, "ranks": {k: [float(x) for x in v] for k, v in ranks.items()}})
+    if step < lr.warmup_steps or not ranks_settled([h["ranks"] for h in history], lr.window, lr.threshold):
+        return None
+    scaled = {k: np.asarray(v) for k, v in history[-1]["ranks"].items()}
+    return cuttlefish_variants(config, scaled, lr.full_rank_layers, lr.rank_multiple)
+
+
 # --------------------------------------------------------------------------- the switch
 def _factor(w: jax.Array, ranks: Sequence[int]) -> list[LowRank]:
     """Per layer, the truncated-SVD factors of w [L, m, n] at ranks[i] (one batched SVD)."""

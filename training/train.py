@@ -15,6 +15,10 @@ one (`--resume` says so explicitly and fails if there is none); the metrics afte
 dropped from `metrics.jsonl`, so the file always describes one continuous run. Raising `run.steps`
 extends a run, also a finished one (the schedule rule: `training.resume.resume_config`).
 
+Low rank (`lowrank.method=pufferfish|cuttlefish`, training/lowrank.py): the loop switches once to
+the factorized model (SVD, step rebuilt and recompiled), records it in RUN_DIR/lowrank.json and the
+metrics (`split: lowrank`), and a resume after the switch restores the low-rank tree.
+
 Reliability: one run per RUN_DIR (`training.runlock`); a NaN/Inf loss or gradient norm stops the run
 before anything is saved or exported (`training.metrics.check_finite`); SIGTERM and Ctrl-C save a
 checkpoint at the next step boundary and exit (`training.interrupt`). Exit codes: 0 done, 2 a user
@@ -304,7 +308,8 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
     last_saved, skips, retries = step or None, {}, run.divergence_retries
     with StopSignals() as stop:
         while step < run.steps:
-            variants = _lowrank_due(cfg, state, step, setup, log) if cfg.lowrank.enabled else None
+            variants = None if setup["switched"] or not cfg.lowrank.enabled or step >= run.steps else \
+                lowrank.due(cfg.lowrank, setup["model_config"], state["params"], step, setup)
             if variants is not None:  # log what the full-rank steps did, then switch and recompile once
                 if pending:
                     _flush(progress, pending, log, last_saved)
@@ -347,31 +352,6 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
             step = done
     progress.close()
     return state["params"], progress.seconds
-
-
-def _lowrank_due(cfg: TrainConfig, state: dict[str, Any], step: int, setup: dict[str, Any],
-                 log: MetricsLog) -> Any:
-    """The LayerVariants to switch to before training step `step` + 1, or None. Pufferfish: after
-    `warmup_steps` steps. Cuttlefish: measures scaled stable ranks every `track_every` steps (kept in
-    setup['lowrank_history'], checkpointed) and switches once they have settled."""
-    lr, config = cfg.lowrank, setup["model_config"]
-    if setup["switched"] or step >= cfg.run.steps:
-        return None
-    if lr.method == "pufferfish":
-        if step < lr.warmup_steps:
-            return None
-        return lowrank.pufferfish_variants(config, lr.targets, lr.rank_ratio, lr.full_rank_layers, lr.rank_multiple)
-    history = setup["lowrank_history"]
-    if step % lr.track_every or (history and history[-1]["step"] >= step):
-        return None
-    if "track" not in setup:
-        setup["track"] = jax.jit(lambda p: lowrank.track_ranks(p, lr.targets, lr.power_iters))
-    ranks = jax.device_get(setup["track"](state["params"]))
-    history.append({"step": step, "ranks": {k: [float(x) for x in v] for k, v in ranks.items()}})
-    if step < lr.warmup_steps or not lowrank.ranks_settled([h["ranks"] for h in history], lr.window, lr.threshold):
-        return None
-    scaled = {k: np.asarray(v) for k, v in history[-1]["ranks"].items()}
-    return lowrank.cuttlefish_variants(config, scaled, lr.full_rank_layers, lr.rank_multiple)
 
 
 def _switch(cfg: TrainConfig, data: DataSet, state: dict[str, Any], step: int, variants: Any,

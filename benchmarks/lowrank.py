@@ -1,0 +1,100 @@
+"""Low-rank training: full rank vs Pufferfish vs Cuttlefish, same model, data, steps and batch.
+
+    python -m benchmarks.lowrank [--steps 300] [--width 512] [--quick] [--no-append]
+
+Each method trains from the same init (the `baseline` preset without LayerSkip, resized below) for
+the same number of steps; Pufferfish switches after 20% of them at rank_ratio 0.25 (first layer
+dense), Cuttlefish when its scaled stable ranks settle (at the earliest after 10%). Reported: the
+parameters of the factorizable layer matmuls and matmul FLOPs/token after the switch, training
+tokens/s after the switch (median of the logged steps, compilation excluded), wall-clock of the whole
+run, held-out loss, and Cuttlefish's switch step and mean rank per weight kind.
+
+Default width d=512 (4 layers, mlp 1536, vocab 4096, tied): on a 2-core CPU a step is dominated by
+the layer matmuls (~3.1M matmul weights per layer, 12.6M in all, against a 2.1M head), so cutting
+their rank cuts the step time; at d=256 with a 4096 vocabulary the head and the attention's
+softmax take a larger share and per-op overheads hide most of the saving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from benchmarks.report import command_line, markdown_table, publish_report
+from jaxmodels.weights import FACTORIZABLE, LayerVariants
+from training.config import load_config
+from training.train import train
+
+METHODS = ("none", "pufferfish", "cuttlefish")
+
+
+def overrides(method: str, steps: int, width: int, out: str, quick: bool, source: str | None = None) -> dict:
+    """The shared budget and model, and the method's switch settings."""
+    o = {"run.out_dir": f"{out}/{method}", "run.steps": steps, "run.sample_tokens": 0, "run.progress": False,
+         "run.eval_every": 0, "checkpoint.enabled": False, "run.decode_report": False,
+         "model.hidden_size": width, "model.intermediate_size": 3 * width, "model.num_hidden_layers": 4,
+         "model.num_attention_heads": max(width // 64, 1), "model.num_key_value_heads": max(width // 128, 1),
+         "lowrank.method": method}
+    if source:
+        o["data.source"] = source
+    if quick:
+        o.update({"data.vocab_size": 512, "run.batch_size": 4, "run.seq_len": 32, "run.eval_batches": 1,
+                  "schedule.warmup_steps": 1})
+    if method != "none":
+        o.update({"lowrank.warmup_steps": max(steps // 5, 1), "lowrank.full_rank_layers": 1})
+    if method == "cuttlefish":
+        o.update({"lowrank.warmup_steps": max(steps // 10, 1), "lowrank.track_every": max(steps // 30, 1)})
+    return o
+
+
+def run_one(method: str, steps: int, width: int, out: str, quick: bool, source: str | None = None) -> dict:
+    """Train one method; its row of the table as a dict."""
+    cfg = load_config("baseline", overrides=overrides(method, steps, width, out, quick, source))
+    summary = train(cfg)
+    records = [json.loads(line) for line in Path(out, method, "metrics.jsonl").read_text().splitlines()]
+    switch = next((r for r in records if r["split"] == "lowrank"), None)
+    after = switch["step"] if switch else 2
+    speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > after]
+    variants = LayerVariants.from_json({"layers": switch["ranks"]}) if switch else None
+    ranks = {k: statistics.mean(v[k] for v in switch["ranks"] if k in v) for k in FACTORIZABLE
+             if variants and any(k in v for v in switch["ranks"])}
+    flops = switch["flops_per_token_after"] if switch else None
+    return {"method": method, "params": summary["params"], "flops_per_token": flops,
+            "tokens_per_s": statistics.median(speeds) if speeds else 0.0, "wall_s": summary["wall_seconds"],
+            "heldout_loss": summary["heldout"]["loss"], "switch_step": switch["switch_step"] if switch else "-",
+            "ranks": ", ".join(f"{k} {v:.0f}" for k, v in ranks.items()) or "-",
+            "flops_before": switch["flops_per_token_before"] if switch else None}
+
+
+def report(rows: list[dict]) -> str:
+    """The markdown table (FLOPs/token of the full-rank run taken from the others' before-switch value)."""
+    full = next((r["flops_before"] for r in rows if r["flops_before"]), None)
+    header = ["method", "params", "matmul FLOPs/token", "train tokens/s (after switch)", "wall s",
+              "held-out loss", "switch step", "ranks (mean per kind)"]
+    body = [[r["method"], r["params"], r["flops_per_token"] or full or "-", round(r["tokens_per_s"]),
+             r["wall_s"], round(r["heldout_loss"], 4), r["switch_step"], r["ranks"]] for r in rows]
+    return markdown_table(header, body)
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--out", default="runs/bench-lowrank")
+    ap.add_argument("--source", default=None, help="data.source (default: the preset's stdlib corpus)")
+    ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data, 6 steps, d=64)")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not write BENCHMARKS.md")
+    args = ap.parse_args(argv)
+    steps, width = (6, 64) if args.quick else (args.steps, args.width)
+    rows = [run_one(m, steps, width, args.out, args.quick, args.source) for m in METHODS]
+    table = report(rows)
+    print(table)
+    if not args.no_append:
+        publish_report("Low-rank training", command_line("benchmarks.lowrank", argv), table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
