@@ -270,6 +270,20 @@ def test_ctrl_c_while_loading_data_exits_130_without_a_traceback(tmp_path, corpu
     assert (tmp_path / "run" / ".lock").read_text() == ""
 
 
+@pytest.mark.parametrize("env", [{"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+                                 {"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+                                 {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_PROCESS_ID": "0"},
+                                 {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_DISTRIBUTED_TIMEOUT": "x"}],
+                         ids=["id-out-of-range", "count-not-int", "no-count", "timeout-not-int"])
+def test_a_bad_multi_process_environment_is_one_error_line(env, tmp_path, capsys, monkeypatch):
+    for key, value in {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", **env}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["--preset", "tiny", f"run.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "JAX_" in err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
 # --------------------------------------------------------------------------- the end of a run, extending it
 def test_the_final_evaluation_honours_eval_batches(reference):
     cfg, summary, _ = reference

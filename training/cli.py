@@ -109,8 +109,9 @@ def check(cfg: TrainConfig) -> None:
           f"into {run_dir}")
 
 
-def _env_int(name: str) -> int:
-    value = os.environ.get(name, "")
+def _env_int(name: str, default: str = "") -> int:
+    """An integer environment variable of a multi-process run; ConfigError (exit 2) if it is not one."""
+    value = os.environ.get(name, default)
     try:
         return int(value)
     except ValueError:
@@ -134,7 +135,7 @@ def init_distributed() -> None:
     if not address or count < 1 or not 0 <= index < count:
         raise ConfigError(f"multi-process run: JAX_COORDINATOR_ADDRESS={address!r}, JAX_NUM_PROCESSES={count}, "
                           f"JAX_PROCESS_ID={index}: need host:port, N >= 1 and 0 <= id < N")
-    timeout = int(os.environ.get("JAX_DISTRIBUTED_TIMEOUT", "300"))
+    timeout = _env_int("JAX_DISTRIBUTED_TIMEOUT", "300")
     jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
                                initialization_timeout=timeout)
 
