@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from training.runlock import RunLock
 from training.testing import small_corpus
 from training.train import main
 
@@ -165,6 +166,23 @@ def test_one_lock_holder_and_sigterm_to_one_process_stops_both_and_resumes_bitwi
     assert resumed.wait() == [0, 0], resumed.output(0)[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / str(saved[0])}" in resumed.output(0)
     assert curve(run_dir)[0] == expected  # bit for bit
+
+
+def test_when_process_0_is_refused_the_lock_every_process_refuses(setup, tmp_path):
+    corpus, cache, jit_cache, _ = setup
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with RunLock(run_dir):  # another run (this test) holds RUN_DIR
+        cluster = Cluster(_argv(run_dir, corpus, cache), tmp_path / "logs", jit_cache)
+        try:
+            codes = cluster.wait(timeout=90)  # without agreement process 1 waits for its peer until killed
+        finally:
+            cluster.kill()
+    outputs = [cluster.output(0), cluster.output(1)]
+    assert codes == [2, 2], outputs
+    assert f"is in use by another training run (pid {os.getpid()} on host" in outputs[0]
+    assert "error: process 0 of this multi-process run could not take" in outputs[1]
+    assert not any("Traceback" in out for out in outputs) and not (run_dir / "metrics.jsonl").exists()
 
 
 @pytest.mark.xfail(strict=True, reason="training/train.py writes metrics.jsonl (and config.yaml, summary.json, "

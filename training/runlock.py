@@ -12,6 +12,8 @@ so a run holds `RUN_DIR/.lock` for its whole life:
   another host, the flock may not reach across a network file system, so the run is refused and the
   message says how to break the lock (delete the file once no run on that host uses the folder).
 - **Multi-host** runs take it on process 0 only (`jax.process_index() == 0`): one holder per run.
+  Every process calls `acquire` and they agree on the outcome (one all-gather): if process 0 is refused,
+  every process refuses too, instead of waiting in its first collective for a peer that has left.
 """
 
 from __future__ import annotations
@@ -76,8 +78,28 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        if not self.enabled:
-            return
+        """Take the lock (when enabled); in a multi-process run every process learns whether the holder
+        got it, and all raise RunLockedError if not (see the module docstring)."""
+        error = None
+        if self.enabled:
+            try:
+                self._take()
+            except RunLockedError as err:
+                error = err
+        try:
+            refused = _any_process(error is not None)
+        except BaseException:
+            self.release()
+            raise
+        if error is not None:
+            raise error
+        if refused:
+            self.release()
+            raise RunLockedError(f"process 0 of this multi-process run could not take {self.path} (its error "
+                                 f"says why: another run uses {self.path.parent}, or the lock cannot be checked)")
+
+    def _take(self) -> None:
+        """flock RUN_DIR/.lock and write this process's record into it (RunLockedError if refused)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -129,3 +151,18 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _any_process(flag: bool) -> bool:
+    """True if `flag` is true on any process of a multi-process JAX run (else just `flag`).
+
+    Only a run that called `jax.distributed.initialize` communicates, so a single-process caller does
+    not start the JAX backend here."""
+    import jax
+
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
