@@ -135,3 +135,29 @@ def test_benchmark_smoke_prints_a_table_for_a_tiny_model(tiny):
     assert [r["setting"] for r in rows] == ["dense", "rank ratio 0.25", "energy 0.9"]
     assert rows[1]["params"] < rows[0]["params"] and rows[0]["speedup"] == 1.0
     assert body.startswith("| setting |") and "Target (>= 1.3x decode)" in body
+
+
+def test_smollm2_compress_cli_reports_before_and_after_and_generates(tmp_path, capsys):
+    """One real model, kept cheap: w_down of the last 2 layers only, 128 held-out tokens."""
+    from inference import generate
+
+    argv = ["--model", "smollm2", "--out", str(tmp_path), "--rank-ratio", "0.25", "--targets", "w_down",
+            "--full-rank-layers", "28", "--eval-tokens", "128"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    before, after = (next(x for x in lines if x.strip().startswith(k)) for k in ("before:", "after:"))
+    assert "134,515,008 parameters" in before and "held-out perplexity" in after
+    config, params, tok = load_model(tmp_path)
+    assert config.layer_variants.ranks(29) == {"w_down": 144} and config.layer_variants.ranks(27) == {}
+    out = generate(params, config, [tok.encode("def add(a, b):")], 4)
+    assert len(out.tokens[0]) == 4
+
+
+def test_full_rank_compression_reproduces_the_dense_logits(tiny):
+    from jaxmodels.weights import LayerVariants
+
+    _, config, params = tiny
+    full = {"wq": 64, "wk": 32, "wv": 32, "wo": 64, "w_gate": 64, "w_up": 64, "w_down": 64}
+    low_config, low = compress(config, params, LayerVariants.hybrid(4, full, full_rank_layers=1))
+    assert isinstance(low["layers"][1]["w_up"], LowRank)
+    np.testing.assert_allclose(forward(low, low_config, TOKENS)[0], forward(params, config, TOKENS)[0], atol=2e-4)
