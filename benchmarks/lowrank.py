@@ -40,7 +40,8 @@ def overrides(method: str, steps: int, width: int, out: str, quick: bool, source
     if source:
         o["data.source"] = source
     if quick:
-        o.update({"data.vocab_size": 512, "run.batch_size": 4, "run.seq_len": 32, "run.eval_batches": 1,
+        o.update({"data.vocab_size": 512, "run.batch_size": 4, "run.seq_len": 32, "run.eval_batches": 1, "mesh.data": 1,
+                  "run.log_every": 1,
                   "schedule.warmup_steps": 1})
     if method != "none":
         o.update({"lowrank.warmup_steps": max(steps // 5, 1), "lowrank.full_rank_layers": 1})
@@ -56,7 +57,8 @@ def run_one(method: str, steps: int, width: int, out: str, quick: bool, source: 
     records = [json.loads(line) for line in Path(out, method, "metrics.jsonl").read_text().splitlines()]
     switch = next((r for r in records if r["split"] == "lowrank"), None)
     after = switch["step"] if switch else 2
-    speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > after]
+    speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > after
+              and "tokens_per_s" in r]  # logged with the progress bar's timing
     variants = LayerVariants.from_json({"layers": switch["ranks"]}) if switch else None
     ranks = {k: statistics.mean(v[k] for v in switch["ranks"] if k in v) for k in FACTORIZABLE
              if variants and any(k in v for v in switch["ranks"])}
