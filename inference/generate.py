@@ -4,14 +4,17 @@ Library code imports `inference.cli` or `inference.engine`, never this module: i
 rebind the package attribute `inference.generate` (the function) to this module.
 """
 
+import os
+import signal
 import sys
 
 if __name__ == "__main__":
-    try:  # importing JAX takes seconds: Ctrl-C then must not print a traceback either
-        from inference.cli import main
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    # Importing JAX takes seconds and a KeyboardInterrupt inside its C extension surfaces as an
+    # ImportError traceback (or is swallowed), so until the CLI is loaded Ctrl-C exits at once.
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("\ninterrupted\n"), os._exit(130)))
+    from inference.cli import main
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles KeyboardInterrupt itself
     sys.exit(main())
 else:
     from inference.cli import main  # noqa: F401
