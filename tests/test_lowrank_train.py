@@ -86,6 +86,13 @@ def test_frobenius_decay_equals_the_merged_norm():
         float(jnp.sum(f.merge() ** 2)), rel=1e-5)
 
 
+def test_resume_record_applies_only_to_checkpoints_after_the_switch(tmp_path):
+    variants = LayerVariants.hybrid(3, {"wq": 8}, 1)
+    lowrank.write_record(tmp_path, 4, variants, {"method": "pufferfish"})
+    assert lowrank.resume_variants(tmp_path, None) is None and lowrank.resume_variants(tmp_path, 4) is None
+    assert lowrank.resume_variants(tmp_path, 5) == (4, variants)
+
+
 @pytest.mark.parametrize("overrides, key", [
     ({"lowrank.rank_ratio": 0}, "lowrank.rank_ratio"), ({"lowrank.rank_ratio": 1.5}, "lowrank.rank_ratio"),
     ({"lowrank.method": "pufferfish", "lowrank.full_rank_layers": 2}, "lowrank.full_rank_layers"),
@@ -130,7 +137,8 @@ def test_pufferfish_trains_on_both_sides_and_resumes_bitwise_after_the_switch(co
     config, params, _ = load_model(tmp_path / "ref")  # the export is low-rank
     assert config.layer_variants is not None and isinstance(params["layers"][1]["wq"], LowRank)
 
-    _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish", "run.steps": 7})
+    _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish", "run.steps": 4})  # dense ckpt 4
+    _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish", "run.steps": 7})  # switches at 4
     summary = _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish"})
     assert summary["resumed_from"] == 7
     assert [r["loss"] for r in _records(tmp_path / "res")] == losses  # bitwise across the switch

@@ -20,7 +20,7 @@ a fresh zero state with the kept step count gives small, bias-corrected first up
 restart of just the new factors.
 
 The switch is recorded in RUN_DIR/lowrank.json ({"switch_step", "layer_variants"}); a resume whose
-checkpoint is at or after that step rebuilds the low-rank tree before restoring (`resume_variants`).
+checkpoint is after that step rebuilds the low-rank tree before restoring (`resume_variants`).
 """
 
 from __future__ import annotations
@@ -212,12 +212,13 @@ def write_record(run_dir: Path, step: int, variants: LayerVariants, extra: dict[
 
 
 def resume_variants(run_dir: Path, checkpoint_step: int | None) -> tuple[int, LayerVariants] | None:
-    """(switch step, variants) when the checkpoint to resume from is at or after the recorded
-    switch; None otherwise (fresh run, or a checkpoint from before the switch: it switches again)."""
+    """(switch step, variants) when the checkpoint to resume from is after the recorded switch (a
+    switch at step s happens after s steps, after the checkpoint of step s); None otherwise (a
+    fresh run, or a checkpoint from before the switch: the resumed run switches again, identically)."""
     path = run_dir / RECORD
     if checkpoint_step is None or not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if checkpoint_step < record["switch_step"]:
+    if checkpoint_step <= record["switch_step"]:  # the checkpoint of the switch step is saved before it
         return None
     return record["switch_step"], LayerVariants.from_json(record["layer_variants"])
