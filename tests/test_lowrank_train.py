@@ -3,7 +3,6 @@ switch detector, optimizer state at the switch, and whole runs (Pufferfish, Cutt
 training goes down on both sides of the switch, resume across (and before) the switch is bitwise,
 the export reloads low-rank, a changed `lowrank` section is refused on resume."""
 
-import json
 from pathlib import Path
 
 import jax
@@ -18,7 +17,7 @@ from jaxmodels.weights import LayerVariants, LowRank
 from training import lowrank
 from training.config import ConfigError, load_config
 from training.step import build_steps
-from training.testing import small_corpus, tiny_train_config
+from training.testing import metrics_records, tiny_train_config
 from training.train import train
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
@@ -103,20 +102,6 @@ def test_bad_lowrank_config_names_the_key(overrides, key):
 
 
 # --------------------------------------------------------------------------- whole runs
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def _records(run_dir: Path, split: str = "train") -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
-
-
 def _run(out: Path, corpus, cache, mesh: dict | None = None, **extra) -> dict:
     mesh = mesh or {"mesh.data": 1}
     common = {"run.steps": 10, "schedule.total_steps": 10, "run.eval_every": 0, "checkpoint.every": 3,
@@ -129,8 +114,8 @@ def test_pufferfish_trains_on_both_sides_and_resumes_bitwise_after_the_switch(co
     """With FSDP over 2 devices: the factors are sharded like their dense weight (training.parallel)."""
     fsdp = {"mesh.data": 1, "mesh.fsdp": 2}
     _run(tmp_path / "ref", corpus, cache, fsdp, **{"lowrank.method": "pufferfish"})
-    losses = [r["loss"] for r in _records(tmp_path / "ref")]
-    switch = _records(tmp_path / "ref", "lowrank")[0]
+    losses = [r["loss"] for r in metrics_records(tmp_path / "ref")]
+    switch = metrics_records(tmp_path / "ref", "lowrank")[0]
     assert switch["switch_step"] == 4 and switch["params_after"] < switch["params_before"]
     assert switch["flops_per_token_after"] < switch["flops_per_token_before"]
     assert losses[3] < losses[0] and losses[-1] < losses[4]  # down before and after the switch
@@ -141,8 +126,8 @@ def test_pufferfish_trains_on_both_sides_and_resumes_bitwise_after_the_switch(co
     _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish", "run.steps": 7})  # switches at 4
     summary = _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish"})
     assert summary["resumed_from"] == 7
-    assert [r["loss"] for r in _records(tmp_path / "res")] == losses  # bitwise across the switch
-    assert len(_records(tmp_path / "res", "lowrank")) == 1
+    assert [r["loss"] for r in metrics_records(tmp_path / "res")] == losses  # bitwise across the switch
+    assert len(metrics_records(tmp_path / "res", "lowrank")) == 1
 
     with pytest.raises(ConfigError, match=r"lowrank\.rank_ratio"):
         _run(tmp_path / "res", corpus, cache, fsdp, **{"lowrank.method": "pufferfish", "lowrank.rank_ratio": 0.5,
@@ -155,14 +140,14 @@ def test_cuttlefish_with_layerskip_switch_is_deterministic_and_resumes_before_it
              "lowrank.threshold": 0.5, "lowrank.full_rank_layers": 0, "layerskip.dropout_max": 0.2,
              "layerskip.exit_loss": True, "run.decode_report": False}
     _run(tmp_path / "a", corpus, cache, **extra)
-    first = _records(tmp_path / "a", "lowrank")
+    first = metrics_records(tmp_path / "a", "lowrank")
     assert len(first) == 1 and 4 <= first[0]["switch_step"] < 10
-    losses = [r["loss"] for r in _records(tmp_path / "a")]
+    losses = [r["loss"] for r in metrics_records(tmp_path / "a")]
     assert losses[-1] < losses[0]
 
     _run(tmp_path / "b", corpus, cache, **{**extra, "run.steps": 3})  # checkpoint before the switch
     summary = _run(tmp_path / "b", corpus, cache, **extra)
     assert summary["resumed_from"] == 3
-    again = _records(tmp_path / "b", "lowrank")
+    again = metrics_records(tmp_path / "b", "lowrank")
     assert [(r["switch_step"], r["ranks"]) for r in again] == [(r["switch_step"], r["ranks"]) for r in first]
-    assert [r["loss"] for r in _records(tmp_path / "b")] == losses
+    assert [r["loss"] for r in metrics_records(tmp_path / "b")] == losses

@@ -14,7 +14,6 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from training.config import _field_type, coerce, load_config, preset_names, valid_keys  # noqa: E402
-from training.testing import small_corpus  # noqa: E402
 from training.train import main  # noqa: E402
 from training.validation import get  # noqa: E402
 
@@ -77,11 +76,6 @@ def test_check_accepts_or_refuses_in_one_line(preset, flags, overrides, tmp_path
     if code == 0 and not flags:
         _check_values(preset, [("run.out_dir", str(out_dir))] + overrides)
     assert not out_dir.exists()  # validation writes nothing
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 TRAIN_KEYS = st.fixed_dictionaries({}, optional={

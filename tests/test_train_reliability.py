@@ -17,7 +17,7 @@ from training import data as data_module
 from training.config import ConfigError, TrainConfig, load_config, valid_keys
 from training.interrupt import StopSignals
 from training.runlock import RunLock, RunLockedError
-from training.testing import small_corpus, tiny_train_config
+from training.testing import metrics_records, tiny_train_config
 from training.train import main, train
 from training.validation import RANGES, get
 
@@ -43,26 +43,11 @@ RUN_SLOWLY = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def reference(corpus, cache, tmp_path_factory):
     """An uninterrupted run: (config, summary, train losses)."""
     cfg = tiny_train_config(tmp_path_factory.mktemp("runs") / "reference", corpus, cache, **COMMON)
     summary = train(cfg)
-    return cfg, summary, [r["loss"] for r in _records(Path(cfg.run.out_dir))]
-
-
-def _records(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("split") == split]
+    return cfg, summary, [r["loss"] for r in metrics_records(Path(cfg.run.out_dir))]
 
 
 def _argv(run_dir: Path, corpus: Path, cache: Path, **extra) -> list[str]:
@@ -100,7 +85,7 @@ def test_a_second_concurrent_run_is_refused_and_the_first_finishes_untouched(ref
     assert f"is in use by another training run (pid {proc.pid} on host {socket.gethostname()}" in err
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
-    assert [r["loss"] for r in _records(run_dir)] == reference[2]  # every step once, bit for bit
+    assert [r["loss"] for r in metrics_records(run_dir)] == reference[2]  # every step once, bit for bit
     assert json.loads((run_dir / "summary.json").read_text())["last_loss"] == reference[2][-1]
     assert (run_dir / ".lock").read_text() == ""  # released
 
@@ -171,10 +156,10 @@ def test_divergence_retries_roll_back_and_skip_the_bad_batch(corpus, cache, tmp_
     argv = _argv(run_dir, corpus, cache, **{"run.log_every": 2, "run.divergence_retries": 1})
     assert main(["--preset", "tiny", *argv]) == 0
     assert "step 6 diverged: rolled back to the checkpoint at step 4" in capsys.readouterr().out
-    train_records = _records(run_dir)
+    train_records = metrics_records(run_dir)
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["loss"]) for r in train_records)
-    assert _records(run_dir, "skipped") == [{"split": "skipped", "step": 6, "rolled_back_to": 4}]
+    assert metrics_records(run_dir, "skipped") == [{"split": "skipped", "step": 6, "rolled_back_to": 4}]
     assert (run_dir / "model" / "config.json").is_file()
 
 
@@ -199,12 +184,12 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bitwise_the_same(refe
     assert "Traceback" not in out and "to resume: python -m training.train --preset tiny" in out
     saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 5 <= saved[0] < STEPS
-    assert [r["step"] for r in _records(run_dir)] == list(range(1, saved[0] + 1))
+    assert [r["step"] for r in metrics_records(run_dir)] == list(range(1, saved[0] + 1))
 
     cfg = load_config("tiny", overrides=argv)
     summary = train(cfg)
     assert summary["resumed_from"] == saved[0]
-    assert [r["loss"] for r in _records(run_dir)] == reference[2]  # bit for bit
+    assert [r["loss"] for r in metrics_records(run_dir)] == reference[2]  # bit for bit
 
 
 @pytest.mark.slow
@@ -246,7 +231,7 @@ def test_a_signal_in_the_loop_stops_at_the_step_boundary(signum, checkpoints, co
         assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["3"]
     else:
         assert "nothing saved" in err and "to resume" not in err
-    assert [r["step"] for r in _records(tmp_path / "run")] == [1, 2, 3]
+    assert [r["step"] for r in metrics_records(tmp_path / "run")] == [1, 2, 3]
     assert signal.getsignal(signum) is before and not (tmp_path / "run" / "model").exists()
 
 
@@ -287,7 +272,7 @@ def test_a_bad_multi_process_environment_is_one_error_line(env, tmp_path, capsys
 # --------------------------------------------------------------------------- the end of a run, extending it
 def test_the_final_evaluation_honours_eval_batches(reference):
     cfg, summary, _ = reference
-    final = _records(Path(cfg.run.out_dir), "heldout")[-1]
+    final = metrics_records(Path(cfg.run.out_dir), "heldout")[-1]
     assert final["final"] and final["tokens"] == cfg.run.batch_size * cfg.run.seq_len  # 1 batch, not the split
     assert summary["heldout"]["tokens"] == final["tokens"]
 
@@ -299,12 +284,12 @@ def test_extending_a_finished_run_keeps_its_schedule(reference, corpus, cache, t
     train(short)
     summary = train(short.replace(**{"run.steps": STEPS}))
     assert summary["resumed_from"] == 6
-    records = _records(tmp_path / "run")
+    records = metrics_records(tmp_path / "run")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in records[:6]] == expected[:6]  # the steps already trained are untouched
     end_lr = cfg.optimizer.lr * cfg.schedule.min_lr_ratio  # extra steps train at the 6-step schedule's end
     assert all(r["lr"] == pytest.approx(end_lr, rel=1e-6) for r in records[6:])
-    assert len([r for r in _records(tmp_path / "run", "heldout") if r.get("final")]) == 1
+    assert len([r for r in metrics_records(tmp_path / "run", "heldout") if r.get("final")]) == 1
     saved = load_config(config_file=tmp_path / "run" / "config.yaml")
     assert (saved.run.steps, saved.schedule.total_steps) == (STEPS, 6)
     with pytest.raises(ConfigError, match="schedule.total_steps: 6 -> 20"):

@@ -15,25 +15,10 @@ import pytest
 
 from jaxmodels.convert.load import load_model
 from training.config import ConfigError, TrainConfig
-from training.testing import small_corpus, tiny_train_config
+from training.testing import metrics_records, tiny_train_config
 from training.train import main, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def _records(run_dir: Path, split: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def _overrides(cfg: TrainConfig) -> list[str]:
@@ -57,10 +42,10 @@ def tiny_run(corpus, cache, tmp_path_factory):
 def test_end_to_end(tiny_run):
     cfg, summary = tiny_run
     out = Path(cfg.run.out_dir)
-    train_records = _records(out)
+    train_records = metrics_records(out)
     assert [r["step"] for r in train_records] == list(range(1, 13))
     assert {"loss", "accuracy", "grad_norm", "lr"} <= set(train_records[0])
-    held = _records(out, "heldout")
+    held = metrics_records(out, "heldout")
     assert [r["step"] for r in held] == [6, 12] and held[-1]["final"]
     assert held[-1]["perplexity"] == pytest.approx(np.exp(held[-1]["loss"]), rel=1e-6)
     assert summary["last_loss"] < summary["first_loss"]
@@ -79,7 +64,7 @@ def test_init_from_a_run_continues_from_its_weights(tiny_run, corpus, cache, tmp
         "init_from": cfg.run.out_dir, "run.steps": 2, "checkpoint.enabled": False,
         "model.hidden_size": 32})  # the model section is ignored: the checkpoint defines the model
     result = train(fine)
-    first = _records(tmp_path / "fine")[0]["loss"]
+    first = metrics_records(tmp_path / "fine")[0]["loss"]
     assert first < summary["first_loss"] - 0.3  # starts from the trained weights, not from scratch
     assert result["params"] == summary["params"]
 
@@ -108,7 +93,7 @@ def test_sigkill_and_resume_gives_the_same_losses(corpus, cache, tmp_path, mesh)
     common = {"run.steps": steps, "checkpoint.every": 4, "run.eval_every": 0, **mesh}
     reference = tiny_train_config(tmp_path / "reference", corpus, cache, **common)
     train(reference)
-    expected = [r["loss"] for r in _records(tmp_path / "reference")]
+    expected = [r["loss"] for r in metrics_records(tmp_path / "reference")]
 
     killed = tiny_train_config(tmp_path / "killed", corpus, cache, **common)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -124,12 +109,12 @@ def test_sigkill_and_resume_gives_the_same_losses(corpus, cache, tmp_path, mesh)
     assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    logged = [r["step"] for r in _records(tmp_path / "killed")]
+    logged = [r["step"] for r in metrics_records(tmp_path / "killed")]
     assert 10 <= logged[-1] < steps  # killed in the middle
 
     summary = train(killed)  # finds the checkpoints and resumes
     assert 0 < summary["resumed_from"] < steps and summary["resumed_from"] % 4 == 0
-    resumed = [r["loss"] for r in _records(tmp_path / "killed")]
+    resumed = [r["loss"] for r in metrics_records(tmp_path / "killed")]
     assert len(resumed) == steps
     assert resumed == expected  # bitwise, step for step
 
@@ -140,7 +125,7 @@ def test_stdlib_loss_goes_down(tmp_path):
         "run.steps": 30, "run.eval_every": 0, "checkpoint.enabled": False, "data.heldout_percent": 2.0,
         "optimizer.lr": 0.01, "run.seq_len": 64, "run.batch_size": 16, "mesh.data": 1})
     summary = train(cfg)
-    losses = [r["loss"] for r in _records(tmp_path / "run")]
+    losses = [r["loss"] for r in metrics_records(tmp_path / "run")]
     assert np.mean(losses[-5:]) < losses[0] - 0.8
     assert summary["heldout"]["loss"] < losses[0] - 0.5
 

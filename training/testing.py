@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sysconfig
 from pathlib import Path
@@ -35,3 +36,9 @@ def tiny_train_config(out_dir: str | Path, source: str | Path, cache_dir: str | 
             "run.progress": False, "run.sample_tokens": 0, "data.heldout_percent": 10.0}
     flat.update(overrides)
     return load_config("tiny", overrides={k: v for k, v in flat.items()})
+
+
+def metrics_records(run_dir: str | Path, split: str = "train") -> list[dict[str, Any]]:
+    """The records of one split ("train", "heldout", ...) in RUN_DIR/metrics.jsonl, in order."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
