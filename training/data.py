@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 
 from jaxmodels.convert.tokenizer import Tokenizer
 from training.config import DataSection
@@ -52,7 +53,7 @@ def train_bpe(texts: tuple[str, ...] | list[str], vocab_size: int) -> Tokenizer:
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=True,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     hf.train_from_iterator(texts, trainer, length=len(texts))
     eos = hf.token_to_id(EOS_TOKEN)
@@ -89,14 +90,21 @@ def cached_bpe(corpus: Corpus, vocab_size: int, cache: Path) -> Tokenizer:
     return Tokenizer.from_folder(folder)
 
 
+ENCODE_CHUNK = 256  # documents per encode_batch call
+
+
 def encode_documents(tok: Tokenizer, texts: tuple[str, ...] | list[str]) -> np.ndarray:
     """Documents -> one stream `[BOS?] doc EOS [BOS?] doc EOS ...` (uint16 if the vocab fits, else uint32)."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     prefix = [tok.bos_token_id] if tok.add_bos else []
     suffix = list(tok.eos_token_ids[:1])
-    pieces = []
-    for enc in tok.hf.encode_batch(list(texts), add_special_tokens=False):
-        pieces.append(np.asarray(prefix + enc.ids + suffix, dtype))
+    pieces, texts = [], list(texts)
+    chunks = range(0, len(texts), ENCODE_CHUNK)  # chunks: a progress bar, and still a parallel batch each
+    with tqdm(total=len(texts), desc="tokenizing", unit="doc", leave=False, disable=None) as bar:
+        for i in chunks:
+            for enc in tok.hf.encode_batch(texts[i: i + ENCODE_CHUNK], add_special_tokens=False):
+                pieces.append(np.asarray(prefix + enc.ids + suffix, dtype))
+            bar.update(min(ENCODE_CHUNK, len(texts) - i))
     return np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
 
 
