@@ -8,13 +8,24 @@ import os
 import signal
 import sys
 
+
+def _exit_on_ctrl_c(*_) -> None:
+    """SIGINT: flush what was printed, one line, exit 130. Raising KeyboardInterrupt instead is not
+    reliable: raised inside a JAX callback (its GC hook, its C extension while importing) it is
+    swallowed or becomes an ImportError traceback. Generation has nothing to save, so exit at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os.write(2, b"\ninterrupted\n")
+    os._exit(130)
+
+
 if __name__ == "__main__":
-    # Importing JAX takes seconds and a KeyboardInterrupt inside its C extension surfaces as an
-    # ImportError traceback (or is swallowed), so until the CLI is loaded Ctrl-C exits at once.
-    signal.signal(signal.SIGINT, lambda *_: (sys.stderr.write("\ninterrupted\n"), os._exit(130)))
+    signal.signal(signal.SIGINT, _exit_on_ctrl_c)  # before JAX loads (seconds), and for the whole run
     from inference.cli import main
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # the CLI handles KeyboardInterrupt itself
     sys.exit(main())
 else:
     from inference.cli import main  # noqa: F401
