@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -186,18 +185,6 @@ def check_spec(spec: Any, config: LlamaConfig) -> Any:
                                adaptive=bool(spec.adaptive), count_visits=bool(spec.count_visits))
 
 
-def _stacked_view(params: dict) -> dict | None:
-    """Per-layer params (see `unstack_layers`) as shape-only stacked ones, or None if they are not
-    uniform per-layer dicts of arrays (for a `check_param_shapes` that knows the stacked layout only)."""
-    layers = params.get("layers")
-    if not isinstance(layers, (tuple, list)) or not layers or not all(isinstance(x, dict) for x in layers):
-        return None
-    first = layers[0]
-    if any(set(x) != set(first) or any(np.shape(x[k]) != np.shape(first[k]) for k in first) for x in layers):
-        return None
-    return {**params, "layers": {k: SimpleNamespace(shape=(len(layers), *np.shape(v))) for k, v in first.items()}}
-
-
 def check_params(params: Any, config: Any) -> None:
     """The config is a LlamaConfig and the weights have its shapes (any layout the model runs)."""
     from jaxmodels.model import check_param_shapes
@@ -208,13 +195,7 @@ def check_params(params: Any, config: Any) -> None:
         raise InferenceError(f"params must be the model's parameter dict (from load_model or "
                              f"init_params), got {type(params).__name__}")
     try:
-        try:
-            check_param_shapes(config, params)
-        except ValueError:
-            view = _stacked_view(params)
-            if view is None:
-                raise
-            check_param_shapes(config, view)
+        check_param_shapes(config, params)  # stacked, segmented or per-layer layout
     except ValueError as err:
         raise InferenceError(str(err)) from err
     except (AttributeError, TypeError, KeyError, IndexError) as err:

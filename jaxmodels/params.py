@@ -229,22 +229,31 @@ def stack_layers(config: LlamaConfig, layers: list[Params]) -> Layers:
     return segs[0] if len(segs) == 1 else segs
 
 
-def svd_factor(w: jax.Array, rank: int) -> LowRank:
+def svd_factor(w: jax.Array | np.ndarray, rank: int) -> LowRank:
     """The best rank-`rank` factorization of w [m, n] (truncated SVD, Pufferfish's split):
-    u = U_r sqrt(S_r) [m, r], v = sqrt(S_r) V_r^T [r, n]; exact at rank min(m, n)."""
-    U, S, Vt = jnp.linalg.svd(jnp.asarray(w, jnp.float32), full_matrices=False)
-    root = jnp.sqrt(S[:rank])
+    u = U_r sqrt(S_r) [m, r], v = sqrt(S_r) V_r^T [r, n]; exact at rank min(m, n). A numpy `w` is
+    factorized on the host (LAPACK: several times faster than XLA:CPU's SVD for SmolLM2's
+    [576, 1536] weights) and gives numpy factors; a jax array gives jax factors."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    U, S, Vt = xp.linalg.svd(xp.asarray(w, xp.float32), full_matrices=False)
+    root = xp.sqrt(S[:rank])
     return LowRank(u=(U[:, :rank] * root).astype(w.dtype), v=(root[:, None] * Vt[:rank]).astype(w.dtype))
 
 
-def with_variants(config: LlamaConfig, params: Params, variants: Any) -> tuple[LlamaConfig, Params]:
+def with_variants(config: LlamaConfig, params: Params, variants: Any,
+                  on_factor: Callable[[], Any] | None = None) -> tuple[LlamaConfig, Params]:
     """The model re-expressed with `variants` (a `LayerVariants`, or None for all dense): weights the
     variants factorize are split by `svd_factor` (factorized ones are merged first), the others are
-    merged to dense; layers are restacked into the new segments."""
+    merged to dense; layers are restacked into the new segments. `on_factor()` is called after each
+    factorization (a progress bar's update)."""
     new = config.replace(layer_variants=variants)
     per_layer = []
     for i, lp in enumerate(unstack_layers(params)["layers"]):
-        ranks = layer_ranks(new, i)
-        dense = {k: w.merge() if isinstance(w, LowRank) else w for k, w in lp.items()}
-        per_layer.append({k: svd_factor(w, ranks[k]) if k in ranks else w for k, w in dense.items()})
+        ranks, out = layer_ranks(new, i), {}
+        for k, w in lp.items():
+            w = w.merge() if isinstance(w, LowRank) else w
+            out[k] = svd_factor(w, ranks[k]) if k in ranks else w
+            if k in ranks and on_factor is not None:
+                on_factor()
+        per_layer.append(out)
     return new, {**params, "layers": stack_layers(new, per_layer)}

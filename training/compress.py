@@ -34,7 +34,7 @@ from tqdm import tqdm
 from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params
-from jaxmodels.params import stack_layers, unstack_layers
+from jaxmodels.params import unstack_layers, with_variants
 from jaxmodels.weights import FACTORIZABLE, LayerVariants, LowRank, layer_ranks
 from training.config import ConfigError
 
@@ -118,32 +118,15 @@ def choose_ranks(config: LlamaConfig, params: Params, method: str, value: float,
     return (None if variants.is_dense else variants), notes
 
 
-def svd_factor_np(w: np.ndarray, rank: int) -> LowRank:
-    """`jaxmodels.params.svd_factor` in numpy (u = U_r sqrt(S_r), v = sqrt(S_r) V_r^T): LAPACK's SVD
-    on the host is several times faster than XLA:CPU's for SmolLM2's [576, 1536] weights."""
-    U, S, Vt = np.linalg.svd(np.asarray(w, np.float32), full_matrices=False)
-    root = np.sqrt(S[:rank])
-    return LowRank(u=(U[:, :rank] * root).astype(w.dtype), v=(root[:, None] * Vt[:rank]).astype(w.dtype))
-
-
 def compress(config: LlamaConfig, params: Params, variants: LayerVariants | None,
              progress: bool = False) -> tuple[LlamaConfig, Params]:
-    """The model with `variants` applied by truncated SVD (None: all dense; factorized weights are
-    merged first), as numpy arrays: what `with_variants` does, with a bar counting factorizations."""
-    new = config.replace(layer_variants=variants)
-    layers = _dense_layers(params)
-    todo = sum(len(layer_ranks(new, i)) for i in range(len(layers)))
-    per_layer = []
+    """The model with `variants` applied by truncated SVD on the host (`with_variants` on numpy
+    float32 arrays; None: all dense, factorized weights merged), with a bar counting factorizations."""
+    host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    todo = sum(len(layer_ranks(config.replace(layer_variants=variants), i)) for i in range(config.num_hidden_layers))
     with tqdm(total=todo, desc="factorizing", unit="weight", disable=not progress, leave=False) as bar:
-        for i, layer in enumerate(layers):
-            ranks, out = layer_ranks(new, i), {}
-            for k, w in layer.items():
-                out[k] = svd_factor_np(w, ranks[k]) if k in ranks else w
-                bar.update(k in ranks)
-            per_layer.append(out)
-    stacked = jax.tree_util.tree_map(np.asarray, stack_layers(new, per_layer))
-    top = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
-    return new, {**top, "layers": stacked}
+        new, out = with_variants(config, host, variants, on_factor=bar.update)
+    return new, jax.tree_util.tree_map(np.asarray, out)
 
 
 # --------------------------------------------------------------------------- measuring
