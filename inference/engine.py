@@ -18,9 +18,10 @@ import numpy as np
 
 from inference.sampling import SamplingConfig, select_token
 from inference.speculative import SpecConfig, speculative_loop
-from inference.validate import (check_batch_size, check_context, check_early_exit,
+from inference.validate import (check_attention_plan, check_batch_size, check_context, check_early_exit,
                                 check_eos_ids, check_max_new_tokens, check_params, check_prompts,
                                 check_sampling, check_seed, check_spec)
+from jaxmodels.attention_plan import LayerPlans, k_slots, take_plan_rows
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
@@ -96,11 +97,13 @@ class Request:
     eos_ids: tuple[int, ...]
     speculative: SpecConfig | None
     early_exit: int | None
+    attention_plan: LayerPlans | None = None  # per-layer plans (int32 device arrays), None = dense
 
 
 def check_request(params: Params, config: LlamaConfig, prompts: Any, max_new_tokens: Any, *,
                   temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, seed: Any = 0,
-                  eos_token_ids: Any = None, speculative: Any = None, early_exit: Any = None) -> Request:
+                  eos_token_ids: Any = None, speculative: Any = None, early_exit: Any = None,
+                  attention_plan: Any = None) -> Request:
     """Every argument of `generate` checked and normalized, before any computation."""
     check_params(params, config)
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p, config.vocab_size)
@@ -108,35 +111,39 @@ def check_request(params: Params, config: LlamaConfig, prompts: Any, max_new_tok
     prompts = validate_request(config, prompts, max_new_tokens)
     return Request(prompts, max_new_tokens, SamplingConfig(temperature, top_k, top_p), check_seed(seed),
                    check_eos_ids(eos_token_ids, config), check_spec(speculative, config),
-                   check_early_exit(early_exit, config, speculative))
+                   check_early_exit(early_exit, config, speculative),
+                   check_attention_plan(attention_plan, config, len(prompts)))
 
 
 # ------------------------------------------------------------------------- compiled pieces
-def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
-            config: LlamaConfig, stop: int | None = None) -> tuple[KVCache, jax.Array]:
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCache,
+            plan: LayerPlans | None = None, *, config: LlamaConfig, stop: int | None = None
+            ) -> tuple[KVCache, jax.Array]:
     """Run right-padded prompts tokens [B, T] through layers [0, stop) and the shared exit;
-    logits [B, V] at each row's end."""
+    logits [B, V] at each row's end. `plan`: per-layer attention plans (None = dense)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache, stop=stop)
+    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache, stop=stop,
+                             plan=plan)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return cache.replace(lengths=lengths), exit_logits(params, config, last)
 
 
 def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KVCache,
-                stop: int | None = None) -> tuple[KVCache, jax.Array]:
+                stop: int | None = None, plan: LayerPlans | None = None) -> tuple[KVCache, jax.Array]:
     """Append one token [B] per row at the row's length through layers [0, stop) and the shared
     exit; returns the next logits [B, V]."""
     h, cache, _ = run_layers(params, config, embed_tokens(params, token[:, None]),
-                             cache.lengths[:, None], cache, stop=stop)
+                             cache.lengths[:, None], cache, stop=stop, plan=plan)
     return cache.replace(lengths=cache.lengths + 1), exit_logits(params, config, h[:, 0])
 
 
 def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Array,
-                max_new: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                config: LlamaConfig, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                out_len: int, stop: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Sample up to `max_new` tokens per row on device (layers [0, stop) only when early-exiting).
-    Returns (tokens [B, out_len], counts [B])."""
+                max_new: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                plan: LayerPlans | None = None, *, config: LlamaConfig, sampling: SamplingConfig,
+                eos_ids: tuple[int, ...], out_len: int, stop: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sample up to `max_new` tokens per row on device (layers [0, stop) only when early-exiting;
+    `plan`: the per-layer attention plans the prefill used). Returns (tokens [B, out_len],
+    counts [B])."""
     batch = logits.shape[0]
     pad = eos_ids[0] if eos_ids else 0
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -159,7 +166,7 @@ def decode_loop(params: Params, cache: KVCache, logits: jax.Array, key: jax.Arra
     def body(carry):
         step, cache, token, out, done, count, key = carry
         key, sub = jax.random.split(key)
-        cache, logits = decode_step(params, config, token, cache, stop)
+        cache, logits = decode_step(params, config, token, cache, stop, plan)
         token, out, count, done = pick(logits, done, sub, step, out, count)
         return step + 1, cache, token, out, done, count, key
 
@@ -194,18 +201,21 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
              speculative: SpecConfig | None = None, early_exit: int | None = None,
-             progress: Progress | None = None) -> GenerationResult:
+             progress: Progress | None = None, attention_plan: LayerPlans | None = None) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0).
 
     With `speculative`, decode by LayerSkip self-speculation (same tokens as plain greedy decoding;
     the same distribution when sampling) and report acceptance in the result. With `early_exit=E`,
     run only layers [0, E) and the shared exit (lossy, no verification). Every argument is checked
     first (`check_request`; InferenceError, a ValueError, on a bad one); `seed` is in [0, 2**32).
-    `progress(message)` is called before each compilation.
+    `progress(message)` is called before each compilation. `attention_plan`: one attention plan per
+    layer (`jaxmodels.attention_plan`; None entries are dense layers), one row per prompt; prefill,
+    decoding and both halves of self-speculation run with it, and the KV cache is built for it
+    (a clustered layer keeps fewer K slots).
     """
     req = check_request(params, config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, eos_token_ids=eos_token_ids, speculative=speculative,
-                        early_exit=early_exit)
+                        early_exit=early_exit, attention_plan=attention_plan)
     return _generate(params, config, req, progress)
 
 
@@ -226,12 +236,14 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     # already unstacked to skip this one-off copy on every call.
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     dtype = params["embed"].dtype
-    cache = KVCache.create(config, len(prompts), cache_len, dtype)
+    plan = req.attention_plan
+    planned = () if plan is None else (plan,)  # no plan: the dense programs, argument for argument
+    cache = KVCache.create(config, len(prompts), cache_len, dtype, k_slots(config, plan))
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),
-                                params, tokens, lengths, cache, progress=progress)
+                                params, tokens, lengths, cache, *planned, progress=progress)
     t0 = time.perf_counter()
-    cache, logits = run_prefill(params, tokens, lengths, cache)
+    cache, logits = run_prefill(params, tokens, lengths, cache, *planned)
     logits.block_until_ready()
     t_prefill = time.perf_counter() - t0
 
@@ -240,11 +252,12 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
                jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
     static = {"config": config, "sampling": sampling, "eos_ids": req.eos_ids, "out_len": out_len}
     if speculative is None:
-        loop, args, static = decode_loop, (params, cache, logits, *runtime), {**static, "stop": early_exit}
+        loop, args, static = decode_loop, (params, cache, logits, *runtime, *planned), {**static, "stop": early_exit}
     else:
         pending = jnp.asarray(lengths_np - 1)  # index of each row's last prompt token
         pending = jnp.take_along_axis(tokens, pending[:, None], axis=1)[:, 0]
-        loop, args, static = speculative_loop, (params, cache, pending, *runtime), {**static, "spec": speculative}
+        loop, args = speculative_loop, (params, cache, pending, *runtime, *planned)
+        static = {**static, "spec": speculative}
     run_decode, c2 = _compiled(loop.__name__, loop, static, (), *args, progress=progress)
     t0 = time.perf_counter()
     outputs = jax.device_get(run_decode(*args))
@@ -269,8 +282,10 @@ def generate_batches(params: Params, config: LlamaConfig, prompts: Sequence[Sequ
     progress = kwargs.pop("progress", None)
     req = check_request(params, config, prompts, max_new_tokens, **kwargs)
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))  # once, not per group
-    parts = [_generate(params, config, dataclasses.replace(req, prompts=req.prompts[i: i + batch_size]), progress)
-             for i in range(0, len(req.prompts), batch_size)]
+    groups = [dataclasses.replace(req, prompts=req.prompts[i: i + batch_size],
+                                  attention_plan=take_plan_rows(req.attention_plan, i, i + batch_size))
+              for i in range(0, len(req.prompts), batch_size)]
+    parts = [_generate(params, config, group, progress) for group in groups]
     first = parts[0]
     total = lambda field: sum(getattr(r, field) for r in parts)  # noqa: E731
     return GenerationResult(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from inference.sampling import SamplingConfig, filter_logits
+from jaxmodels.attention_plan import LayerPlans
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
@@ -60,9 +61,9 @@ class SpecStats(NamedTuple):
     discarded_deep: jax.Array  # [B, S] times a deep-layer visit was rolled back
 
 
-def _layers(params, config, tokens_or_h, positions, cache, start, stop, *, embed: bool):
+def _layers(params, config, tokens_or_h, positions, cache, start, stop, *, embed: bool, plan=None):
     h = embed_tokens(params, tokens_or_h) if embed else tokens_or_h
-    h, cache, _ = run_layers(params, config, h, positions, cache, start=start, stop=stop)
+    h, cache, _ = run_layers(params, config, h, positions, cache, start=start, stop=stop, plan=plan)
     return h, cache
 
 
@@ -84,7 +85,7 @@ def draft_head(params: Params, config: LlamaConfig, draft_vocab: int | None) -> 
     return {"final_norm": params["final_norm"], "lm_head": params["lm_head"][:, :draft_vocab]}
 
 
-def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperature, top_p, head):
+def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperature, top_p, head, plan):
     """Draft up to d_cur tokens per row. Returns (cache, exit buffer [B, d_max+1, D], drafts
     [B, d_max], draft probabilities [B, d_max, V] or None)."""
     b, d_max, E = pending.shape[0], spec.draft_len, spec.exit_layer
@@ -97,7 +98,8 @@ def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperatu
 
     def step(i, carry):
         cache, token, hbuf, drafts, qs, key = carry
-        h, cache = _layers(params, config, token[:, None], (pos0 + i)[:, None], cache, 0, E, embed=True)
+        h, cache = _layers(params, config, token[:, None], (pos0 + i)[:, None], cache, 0, E,
+                           embed=True, plan=plan)
         hbuf = hbuf.at[:, i].set(h[:, 0])
         logits = exit_logits(head, config, h[:, 0])  # [B, K]
         if sampling.greedy:
@@ -149,11 +151,13 @@ def _accept(target_logits, drafts, qs, d_cur, key, sampling, temperature, top_p)
 
 
 def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: jax.Array,
-                     max_new: jax.Array, temperature: jax.Array, top_p: jax.Array, *,
-                     config: LlamaConfig, spec: SpecConfig, sampling: SamplingConfig,
-                     eos_ids: tuple[int, ...], out_len: int):
+                     max_new: jax.Array, temperature: jax.Array, top_p: jax.Array,
+                     plan: LayerPlans | None = None, *, config: LlamaConfig, spec: SpecConfig,
+                     sampling: SamplingConfig, eos_ids: tuple[int, ...], out_len: int):
     """Generate up to max_new tokens per row. cache.lengths[b] = position of row b's pending token.
 
+    `plan` (per-layer attention plans, None = dense) applies to every pass: the draft and the
+    verifier run the same layers with the same plans, so the output is plain decoding's under it.
     Returns (tokens [B, out_len], counts [B], SpecStats).
     """
     b, s = pending.shape[0], cache.max_len
@@ -176,11 +180,12 @@ def speculative_loop(params: Params, cache: KVCache, pending: jax.Array, key: ja
         cache, active, pos0, d_cur = c["cache"], ~c["done"], c["cache"].lengths, c["d_cur"]
         key, k_draft, k_acc = jax.random.split(c["key"], 3)
         cache, hbuf, drafts, qs, last, _ = _draft(params, config, spec, sampling, cache,
-                                                   c["pending"], d_cur, k_draft, temperature, top_p, head)
-        h, cache = _layers(params, config, last[:, None], (pos0 + d_cur)[:, None], cache, 0, E, embed=True)
+                                                   c["pending"], d_cur, k_draft, temperature, top_p, head, plan)
+        h, cache = _layers(params, config, last[:, None], (pos0 + d_cur)[:, None], cache, 0, E,
+                           embed=True, plan=plan)
         hbuf = jax.lax.dynamic_update_slice(hbuf, h, (0, d_cur, 0))
         positions = pos0[:, None] + jnp.arange(d_max + 1)[None]
-        h, cache = _layers(params, config, hbuf, positions, cache, E, L, embed=False)
+        h, cache = _layers(params, config, hbuf, positions, cache, E, L, embed=False, plan=plan)
         a, next_token = _accept(exit_logits(params, config, h), drafts, qs, d_cur, k_acc,
                                 sampling, temperature, top_p)
         # emitted tokens this round: drafts[:a] then next_token; cut at EOS and at max_new

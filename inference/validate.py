@@ -206,6 +206,19 @@ def check_batch_size(batch_size: Any) -> int:
     return as_int("batch_size", batch_size, 1)
 
 
+def check_attention_plan(plans: Any, config: LlamaConfig, batch: int) -> tuple | None:
+    """Per-layer attention plans (`jaxmodels.attention_plan`) for `batch` prompts: one entry per
+    layer (None = dense), index maps of the right shapes and ranges; returned as int32 arrays."""
+    from jaxmodels.attention_plan import check_plans
+
+    if plans is None:
+        return None
+    try:
+        return check_plans(config, plans, batch)
+    except ValueError as err:
+        raise InferenceError(f"{err} (one attention plan row per prompt)") from err
+
+
 __all__ = ["InferenceError", "check_sampling", "check_seed", "check_max_new_tokens", "check_prompts",
            "check_context", "check_eos_ids", "check_early_exit", "check_spec", "check_params",
-           "check_batch_size", "as_int", "as_float", "SEED_LIMIT"]
+           "check_batch_size", "check_attention_plan", "as_int", "as_float", "SEED_LIMIT"]

@@ -7,6 +7,7 @@ Public API (the model and its pieces; conversions live in `jaxmodels.convert`):
     logits, _ = jaxmodels.forward(model.params(), config, tokens)
 """
 
+from jaxmodels.attention_plan import AttentionPlan, cluster_plan, identity_plan
 from jaxmodels.config import ConfigError, LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.layers import dense
@@ -14,6 +15,6 @@ from jaxmodels.model import (Llama, Params, decoder_layer, embed_tokens, exit_lo
                              param_shapes, run_layers)
 from jaxmodels.weights import LayerVariants, LowRank
 
-__all__ = ["ConfigError", "LlamaConfig", "KVCache", "LayerVariants", "Llama", "LowRank", "Params",
+__all__ = ["AttentionPlan", "ConfigError", "LlamaConfig", "KVCache", "LayerVariants", "Llama", "LowRank", "Params",
            "decoder_layer", "dense", "embed_tokens", "exit_logits", "forward", "init_params", "param_shapes",
-           "run_layers"]
+           "run_layers", "cluster_plan", "identity_plan"]

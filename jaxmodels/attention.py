@@ -1,19 +1,35 @@
-"""Grouped-query attention over keys addressed by absolute position.
+"""Attention over keys addressed by absolute position. The layer's attention owns its KV cache
+and follows a plan.
+
+`attend` is the one entry point a decoder layer calls. It writes the chunk's new keys and values
+into this layer's cache buffers (when there is a cache) and attends. Its `plan` is per-row index
+maps given as runtime data: which query heads compute scores, which KV heads' keys are cached, and
+whose probabilities each head applies to its own values. `jaxmodels.attention_plan` documents the
+layout. Dense and grouped-query attention are the identity plan. `plan=None` stands for it and
+compiles to the plain GQA program, with no gathers. CHAI's clustered heads are another plan. So
+are, later, head sparsity and the Pallas kernels, all behind this same call.
 
 Masking is by position: a query at position p sees keys at positions <= p. That one rule covers
 causality, right-padded ragged batches and stale cache slots.
 
-Keys and values come in the KV cache's layout, [B*KV, S, hd]: batch and kv-head merged into one
-axis. Both matmuls then have a single batch dimension, which XLA:CPU runs about 4x faster than
-the same einsum with two (measured on decode shapes), and a cache buffer reaches the matmul
-without a reshape: with one in between, XLA:CPU duplicated the in-place cache write into the
-attention's fusion and copied every layer's K and V buffers 2-3 times per decode step.
+Keys and values come in the KV cache's layout, [B*C, S, hd]: batch and head (or K slot) merged
+into one axis. Both matmuls then have a single batch dimension. XLA:CPU runs that about 4x faster
+than the same einsum with two batch dimensions (measured on decode shapes). A cache buffer also
+reaches its matmul without a reshape. With a reshape in between, XLA:CPU duplicated the in-place
+cache write into the attention's fusion and copied every layer's K and V buffers 2-3 times per
+decode step. The clustered path keeps both properties. Its representatives are grouped by K slot,
+so the score matmul is the GQA one with KV -> Ck and G -> M. Only the small [B, Cq, T, S]
+probabilities are gathered.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxmodels.attention_plan import AttentionPlan
+
+KVState = tuple[jax.Array, jax.Array]  # one layer's cache: K [B*Ck, S, hd], V [B*KV, S, hd]
 
 
 def merge_kv_heads(x: jax.Array) -> jax.Array:
@@ -22,13 +38,32 @@ def merge_kv_heads(x: jax.Array) -> jax.Array:
     return x.reshape(b * kv, t, hd)
 
 
-def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
-                  k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
-    """Causal grouped-query attention.
+def write_rows(layer_cache: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write new [B, C, T, hd] into one layer's cache buffer [B*C, S, hd], row b at starts[b].
 
-    q: [B, T, H, hd]; k, v: [B*KV, S, hd]; q_pos: [B, T]; k_pos: [B, S] or [S];
-    k_valid: optional [B, S] bool. Returns [B, T, H, hd].
+    One `dynamic_update_slice` per row (in place on a donated buffer); a vmapped update lowers to
+    a scatter that is several times slower on CPU. Very large batches use the vmapped form to
+    bound program size.
     """
+    b, kv, t, hd = new.shape
+    new = new.astype(layer_cache.dtype)
+    if b > 32:
+        put = lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0))
+        return jax.vmap(put)(layer_cache.reshape(b, kv, -1, hd), new, starts).reshape(b * kv, -1, hd)
+    for row in range(b):
+        layer_cache = jax.lax.dynamic_update_slice(layer_cache, new[row], (row * kv, starts[row], 0))
+    return layer_cache
+
+
+def _take_rows(x: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """Per batch row b: x[b] indexed by index[b] along `axis` (counted without the batch axis)."""
+    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=axis, mode="clip"))(x, index)
+
+
+def _probabilities(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                   k_valid: jax.Array | None, dtype: jnp.dtype) -> jax.Array:
+    """Masked softmax of q [B, T, X*Y, hd] against k [B*X, S, hd] (query head x*Y + y reads key
+    row x) -> probabilities [B, X, T, Y, S] in `dtype`."""
     b, t, h, hd = q.shape
     s = k.shape[1]
     kv = k.shape[0] // b
@@ -41,6 +76,74 @@ def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
     if k_valid is not None:
         mask = mask & k_valid[:, None, :]
     scores = jnp.where(mask[:, None, :, None, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b * kv, t * g, s)
-    out = jnp.matmul(probs, v)  # [B*KV, T*G, hd]
-    return out.reshape(b, kv, t, g, hd).transpose(0, 2, 1, 3, 4).reshape(b, t, h, hd)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
+
+
+def _mix_values(probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs [B, KV, T, G, S] applied to v [B*KV, S, hd] -> out [B, T, KV*G, hd]."""
+    b, kv, t, g, s = probs.shape
+    out = jnp.matmul(probs.reshape(b * kv, t * g, s), v)  # [B*KV, T*G, hd]
+    return out.reshape(b, kv, t, g, -1).transpose(0, 2, 1, 3, 4).reshape(b, t, kv * g, -1)
+
+
+def gqa_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                  k_pos: jax.Array, k_valid: jax.Array | None = None) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q: [B, T, H, hd]; k, v: [B*KV, S, hd]; q_pos: [B, T]; k_pos: [B, S] or [S];
+    k_valid: optional [B, S] bool. Returns [B, T, H, hd].
+    """
+    return _mix_values(_probabilities(q, k, q_pos, k_pos, k_valid, v.dtype), v)
+
+
+def clustered_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                        plan: AttentionPlan, k_valid: jax.Array | None = None) -> jax.Array:
+    """Attention under a plan: only representatives compute scores, and every head applies its
+    representative's probabilities to its own values.
+
+    q: [B, T, H, hd]; k: [B*Ck, S, hd] (K slots); v: [B*KV, S, hd]; q_pos: [B, T];
+    k_pos: [B, S] or [S]; plan maps [B, Ck], [B, Cq], [B, H]. Returns [B, T, H, hd].
+    """
+    b, t, h, _ = q.shape
+    s, kv = k.shape[1], v.shape[0] // b
+    q_rep = _take_rows(q, plan.rep_heads, axis=1)  # [B, T, Cq, hd]
+    probs = _probabilities(q_rep, k, q_pos, k_pos, k_valid, v.dtype)  # [B, Ck, T, M, S]
+    probs = probs.transpose(0, 1, 3, 2, 4).reshape(b, plan.num_reps, t, s)  # [B, Cq, T, S]
+    probs = _take_rows(probs, plan.head_cluster, axis=0)  # [B, H, T, S]
+    probs = probs.reshape(b, kv, h // kv, t, s).transpose(0, 1, 3, 2, 4)  # [B, KV, T, G, S]
+    return _mix_values(probs, v)
+
+
+def _check_cache(state: KVState, k_new: jax.Array, v_new: jax.Array, plan: AttentionPlan | None) -> None:
+    """The layer's buffers must have the rows its plan writes (static shapes; raises at trace time)."""
+    b, c = k_new.shape[:2]
+    if state[0].shape[0] != b * c or state[1].shape[0] != b * v_new.shape[1]:
+        kind = "dense attention" if plan is None else f"its attention plan ({c} K slots)"
+        raise ValueError(
+            f"this layer's cache holds {state[0].shape[0] // b} K slots and {state[1].shape[0] // b} V "
+            f"heads per row, but {kind} needs {c} and {v_new.shape[1]}; build the cache with "
+            f"KVCache.create(..., k_slots=attention_plan.k_slots(config, plans)) for the same plans")
+
+
+def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | None, positions: jax.Array,
+           write_at: jax.Array, plan: AttentionPlan | None = None) -> tuple[jax.Array, KVState | None]:
+    """One layer's attention: write this chunk's keys/values into the layer's cache and attend.
+
+    q [B, T, H, hd] and k_new, v_new [B, KV, T, hd] at positions [B, T] (contiguous per row).
+    Without a cache (state None), the chunk attends to itself (training). With one, state =
+    (K [B*Ck, S, hd], V [B*KV, S, hd]) gets the chunk at write_at [B] (= positions[:, 0]), and the
+    chunk attends to every buffered position <= its own. `plan` None is dense / GQA. With a plan,
+    K slot c receives the keys of KV head k_source[b, c]. Returns (out [B, T, H, hd], state).
+    """
+    if plan is not None:
+        k_new = _take_rows(k_new, plan.k_source, axis=0)  # [B, Ck, T, hd]
+    if state is None:
+        keys, values, k_pos = merge_kv_heads(k_new), merge_kv_heads(v_new), positions
+    else:
+        _check_cache(state, k_new, v_new, plan)
+        state = (write_rows(state[0], k_new, write_at), write_rows(state[1], v_new, write_at))
+        keys, values = state[0].astype(k_new.dtype), state[1].astype(v_new.dtype)
+        k_pos = jnp.arange(keys.shape[1])
+    if plan is None:
+        return gqa_attention(q, keys, values, positions, k_pos), state
+    return clustered_attention(q, keys, values, positions, k_pos, plan), state
