@@ -151,3 +151,32 @@ def test_cuttlefish_with_layerskip_switch_is_deterministic_and_resumes_before_it
     again = metrics_records(tmp_path / "b", "lowrank")
     assert [(r["switch_step"], r["ranks"]) for r in again] == [(r["switch_step"], r["ranks"]) for r in first]
     assert [r["loss"] for r in metrics_records(tmp_path / "b")] == losses
+
+
+SWITCH_AT_WIDTH_512 = """
+import jax
+from jaxmodels.config import LlamaConfig
+from jaxmodels.params import init_params
+from jaxmodels.weights import FACTORIZABLE
+from training import lowrank
+config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                     num_attention_heads=8, num_key_value_heads=4)
+params = init_params(config, jax.random.PRNGKey(0))
+variants = lowrank.pufferfish_variants(config, FACTORIZABLE, 0.25, 1)
+jax.block_until_ready(lowrank.switch_params(config.replace(layer_variants=variants), params))
+print("switched")
+"""
+
+
+def test_switch_at_width_512_finishes_on_few_cpu_threads():
+    """Regression: with every SVD in one program, two of jaxlib's batched CPU SVDs ran at once on a
+    2-thread pool and waited for each other forever (the benchmark hung at its switch; a 2-core
+    machine such as CI's reproduces it; more cores make it rarer). A hang fails by the timeout."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", SWITCH_AT_WIDTH_512], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "switched" in done.stdout, done.stderr[-2000:]

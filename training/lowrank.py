@@ -147,9 +147,13 @@ def due(lr: Any, config: LlamaConfig, params: Params, step: int, memo: dict[str,
 
 
 # --------------------------------------------------------------------------- the switch
+_svd = jax.jit(lambda w: jnp.linalg.svd(w, full_matrices=False))  # [L, m, k], [L, k], [L, k, n]
+
+
 def _factor(w: jax.Array, ranks: Sequence[int]) -> list[LowRank]:
-    """Per layer, the truncated-SVD factors of w [L, m, n] at ranks[i] (one batched SVD)."""
-    U, S, Vt = jnp.linalg.svd(w.astype(jnp.float32), full_matrices=False)  # [L, m, k], [L, k], [L, k, n]
+    """Per layer, the truncated-SVD factors of w [L, m, n] at ranks[i] (one batched SVD, finished
+    before this returns: see `switch_params`)."""
+    U, S, Vt = jax.block_until_ready(_svd(w.astype(jnp.float32)))
     root = jnp.sqrt(S)
     return [LowRank(u=(U[i, :, :r] * root[i, :r]).astype(w.dtype),
                     v=(root[i, :r, None] * Vt[i, :r]).astype(w.dtype)) for i, r in enumerate(ranks)]
@@ -172,7 +176,13 @@ def restructure(new: LlamaConfig, tree: Params, factor: Any) -> Params:
 
 
 def switch_params(new: LlamaConfig, params: Params) -> Params:
-    """Pufferfish/Cuttlefish's split of dense params into `new`'s low-rank tree (SVD on device)."""
+    """Pufferfish/Cuttlefish's split of dense params into `new`'s low-rank tree (SVD on device).
+
+    Call it outside `jit`: it runs one batched SVD program per weight kind and waits for each.
+    jaxlib's CPU SVD spreads a batch over the thread pool its program runs on and blocks until the
+    batch is done, so two SVDs running at once on a 2-thread pool each hold a thread and wait for
+    the other: one program with every SVD in it hung at d=512, 4 layers (independent SVDs run
+    concurrently, and XLA drops an optimization barrier that would order them)."""
     return restructure(new, params, _factor)
 
 

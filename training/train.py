@@ -301,6 +301,20 @@ def _rollback(ckpt: Checkpointer | None, target: dict[str, Any], err: Divergence
     return step, state, DataPosition.from_dict(meta["data_position"])
 
 
+def _lowrank_due(cfg: TrainConfig, setup: dict[str, Any], state: dict[str, Any], step: int,
+                 log: MetricsLog) -> Any:
+    """The variants to switch to before step `step` + 1 (or None); a Cuttlefish stable-rank
+    measurement taken now is logged as `split: stable_rank` (plotted in colab/lowrank.ipynb)."""
+    if setup["switched"] or not cfg.lowrank.enabled:
+        return None
+    history = setup["lowrank_history"]
+    seen = len(history)
+    variants = lowrank.due(cfg.lowrank, setup["model_config"], state["params"], step, setup)
+    if len(history) > seen:
+        log.write({"split": "stable_rank", **history[-1]})
+    return variants
+
+
 def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str, Any],
           ckpt: Checkpointer | None, log: MetricsLog) -> tuple[Params, float]:
     """The training loop, from `setup['start']` to run.steps; returns (params, training seconds).
@@ -312,8 +326,7 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
     last_saved, skips, retries = step or None, {}, run.divergence_retries
     with StopSignals() as stop:
         while step < run.steps:
-            variants = None if setup["switched"] or not cfg.lowrank.enabled or step >= run.steps else \
-                lowrank.due(cfg.lowrank, setup["model_config"], state["params"], step, setup)
+            variants = _lowrank_due(cfg, setup, state, step, log)
             if variants is not None:  # log what the full-rank steps did, then switch and recompile once
                 if pending:
                     _flush(progress, pending, log, last_saved)
@@ -365,8 +378,8 @@ def _switch(cfg: TrainConfig, data: DataSet, state: dict[str, Any], step: int, v
     old = setup["model_config"]
     new = old.replace(layer_variants=variants)
     with phase(f"low-rank switch at step {step} ({cfg.lowrank.method}): SVD of the targeted weights"):
-        params, opt_state = jax.jit(lambda p, o: (lowrank.switch_params(new, p),  # one program, on device
-                                                  lowrank.switch_opt_state(new, p, o)))(state["params"], state["opt_state"])
+        params = lowrank.switch_params(new, state["params"])  # one SVD program per weight kind, in turn
+        opt_state = jax.jit(lambda p, o: lowrank.switch_opt_state(new, p, o))(state["params"], state["opt_state"])
         fns = make_fns(cfg, new)
         param_sh = parallel.state_shardings(params, setup["mesh"])
         opt_sh = parallel.state_shardings(opt_state, setup["mesh"])
