@@ -40,7 +40,8 @@ m of group g uses the probabilities of head m of the representative group of g's
     head_cluster [B, H]   index into rep_heads of the probabilities each query head uses
     k_source     [B, Ck]  which KV head's K is written into K slot c
 Dense / GQA is the identity plan: Cq = H, rep_heads = arange(H), rep_kslot = h // G, head_cluster
-= arange(H), Ck = KV, k_source = arange(KV).
+= arange(H), Ck = KV, k_source = arange(KV). Attention runs it as
+`jaxmodels.attention_plan.pack_plan(*plan, reps_per_slot=min(G, Cq))` (tested in test_chai_cluster).
 """
 
 from __future__ import annotations

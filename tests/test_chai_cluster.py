@@ -243,3 +243,23 @@ def test_kv_plan_shares_the_representative_groups_scores():
     k_shared[:, 1] = k[:, 0]
     want = _planned_attention(q_shared, k_shared, v, jax.tree_util.tree_map(np.asarray, chai.identity_plan(1, 6, 2)))
     np.testing.assert_allclose(_planned_attention(q, k, v, plan), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity, clusters", [("query", 4), ("query", 1), ("kv", 2), ("kv", 1)])
+def test_plan_drives_clustered_attention(granularity, clusters):
+    """The attention of part 1 (`pack_plan` + `clustered_attention`) reads these maps as
+    `_planned_attention` does, with K slots filled from `k_source`."""
+    from jaxmodels.attention import clustered_attention
+    from jaxmodels.attention_plan import pack_plan
+
+    h, kv, b, t = 9, 3, 2, 6
+    q, k = _qk(6, b=b, t=t, h=h, kv=kv)
+    v = np.random.default_rng(8).normal(size=k.shape).astype(np.float32)
+    plan = plan_fn(jnp.asarray(q), jnp.asarray(k), jnp.asarray([6, 4]), clusters, granularity)
+    packed = pack_plan(*plan, reps_per_slot=min(h // kv, plan.rep_heads.shape[1]))
+    k_slots = k[np.arange(b)[:, None], np.asarray(plan.k_source)]  # [B, Ck, T, hd]
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    got = clustered_attention(jnp.asarray(q), merge_kv_heads(jnp.asarray(k_slots)), merge_kv_heads(jnp.asarray(v)),
+                              pos, pos, packed)
+    want = _planned_attention(q, k, v, jax.tree_util.tree_map(np.asarray, plan))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
