@@ -201,6 +201,7 @@ def plot_curves(calibration, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     inertia = np.asarray(calibration.curves["inertia"])
     L, n = inertia.shape
@@ -217,6 +218,7 @@ def plot_curves(calibration, path: str) -> None:
         if calibration.choice.get("tolerance") is not None:
             ax.axhline(calibration.choice["tolerance"], color="gray", linewidth=0.5, linestyle="--")
         ax.set_title(f"layer {layer}: k={calibration.clusters[layer]}", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.supxlabel(f"clusters k ({calibration.granularity} granularity)")
     fig.supylabel("inertia_k / inertia_1")
     fig.tight_layout()
