@@ -1,6 +1,6 @@
 """Low-rank training: full rank vs Pufferfish vs Cuttlefish, same model, data, steps and batch.
 
-    python -m benchmarks.lowrank [--steps 300] [--width 512] [--quick] [--no-append]
+    python -m benchmarks.lowrank [--steps 300] [--width 512] [--quick] [--no-append] [--report-only]
 
 Each method trains from the same init (the `baseline` preset without LayerSkip, resized below) for
 the same number of steps; Pufferfish switches after 20% of them at rank_ratio 0.25 (first layer
@@ -23,7 +23,9 @@ import statistics
 from pathlib import Path
 
 from benchmarks.report import command_line, markdown_table, publish_report
-from jaxmodels.weights import FACTORIZABLE, LayerVariants
+from jaxmodels.config import LlamaConfig
+from jaxmodels.convert.hf import read_hf_config
+from jaxmodels.weights import FACTORIZABLE, WEIGHTS, layer_ranks
 from training.config import load_config
 from training.train import train
 
@@ -52,31 +54,56 @@ def overrides(method: str, steps: int, width: int, out: str, quick: bool, source
 
 def run_one(method: str, steps: int, width: int, out: str, quick: bool, source: str | None = None) -> dict:
     """Train one method; its row of the table as a dict."""
-    cfg = load_config("baseline", overrides=overrides(method, steps, width, out, quick, source))
-    summary = train(cfg)
-    records = [json.loads(line) for line in Path(out, method, "metrics.jsonl").read_text().splitlines()]
+    train(load_config("baseline", overrides=overrides(method, steps, width, out, quick, source)))
+    return collect(method, out)
+
+
+def factorized_counts(config: LlamaConfig) -> tuple[int, int]:
+    """(dense, stored) parameters of the weights `config` factorizes: sum of m*n and of (m + n)*r."""
+    dense = stored = 0
+    for layer in range(config.num_hidden_layers):
+        for name, rank in layer_ranks(config, layer).items():
+            m, n = WEIGHTS[name].shape(config)
+            dense, stored = dense + m * n, stored + (m + n) * rank
+    return dense, stored
+
+
+def collect(method: str, out: str) -> dict:
+    """A finished run's row, read back from its folder (metrics.jsonl, summary.json, model/)."""
+    run = Path(out, method)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
     switch = next((r for r in records if r["split"] == "lowrank"), None)
     after = switch["step"] if switch else 2
     speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and r["step"] > after
               and "tokens_per_s" in r]  # logged with the progress bar's timing
-    variants = LayerVariants.from_json({"layers": switch["ranks"]}) if switch else None
+    config = read_hf_config(run / "model")
     ranks = {k: statistics.mean(v[k] for v in switch["ranks"] if k in v) for k in FACTORIZABLE
-             if variants and any(k in v for v in switch["ranks"])}
-    flops = switch["flops_per_token_after"] if switch else None
-    return {"method": method, "params": summary["params"], "flops_per_token": flops,
+             if switch and any(k in v for v in switch["ranks"])}
+    return {"method": method, "params": summary["params"], "factorized": factorized_counts(config),
+            "flops_per_token": switch["flops_per_token_after"] if switch else None,
+            "flops_before": switch["flops_per_token_before"] if switch else None,
             "tokens_per_s": statistics.median(speeds) if speeds else 0.0, "wall_s": summary["wall_seconds"],
             "heldout_loss": summary["heldout"]["loss"], "switch_step": switch["switch_step"] if switch else "-",
-            "ranks": ", ".join(f"{k} {v:.0f}" for k, v in ranks.items()) or "-",
-            "flops_before": switch["flops_per_token_before"] if switch else None}
+            "ranks": ", ".join(f"{k} {v:.0f}" for k, v in ranks.items()) or "-"}
 
 
 def report(rows: list[dict]) -> str:
-    """The markdown table (FLOPs/token of the full-rank run taken from the others' before-switch value)."""
-    full = next((r["flops_before"] for r in rows if r["flops_before"]), None)
-    header = ["method", "params", "matmul FLOPs/token", "train tokens/s (after switch)", "wall s",
-              "held-out loss", "switch step", "ranks (mean per kind)"]
-    body = [[r["method"], r["params"], r["flops_per_token"] or full or "-", round(r["tokens_per_s"]),
-             r["wall_s"], round(r["heldout_loss"], 4), r["switch_step"], r["ranks"]] for r in rows]
+    """The markdown table; ratios against the full-rank row (its FLOPs/token are the others' before-switch value)."""
+    full = rows[0]
+    flops_full = next((r["flops_before"] for r in rows if r["flops_before"]), None)
+    header = ["method", "params", "factorized weights: dense -> stored", "matmul FLOPs/token",
+              "train tokens/s after switch (x full)", "wall s (x full)", "held-out loss (vs full)",
+              "switch step", "ranks (mean per kind)"]
+    body = []
+    for r in rows:
+        dense, stored = r["factorized"]
+        body.append([r["method"], f"{r['params']:,}", f"{dense:,} -> {stored:,} ({dense / stored:.2f}x fewer)"
+                     if stored else "-", f"{r['flops_per_token'] or flops_full or 0:,}",
+                     f"{r['tokens_per_s']:.0f} ({r['tokens_per_s'] / max(full['tokens_per_s'], 1e-9):.2f}x)",
+                     f"{r['wall_s']:.0f} ({full['wall_s'] / r['wall_s']:.2f}x)",
+                     f"{r['heldout_loss']:.4f} ({100 * (r['heldout_loss'] / full['heldout_loss'] - 1):+.1f}%)",
+                     r["switch_step"], r["ranks"]])
     return markdown_table(header, body)
 
 
@@ -88,13 +115,19 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--source", default=None, help="data.source (default: the preset's stdlib corpus)")
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tiny data, 6 steps, d=64)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not write BENCHMARKS.md")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="which runs to train now (the table reads every method's folder under --out)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the table from the run folders under --out of a finished run (no training)")
     args = ap.parse_args(argv)
     steps, width = (6, 64) if args.quick else (args.steps, args.width)
-    rows = [run_one(m, steps, width, args.out, args.quick, args.source) for m in METHODS]
+    todo = [] if args.report_only else [m.strip() for m in args.methods.split(",")]
+    rows = [run_one(m, steps, width, args.out, args.quick, args.source) if m in todo else collect(m, args.out)
+            for m in METHODS]
     table = report(rows)
     print(table)
     if not args.no_append:
-        publish_report("Low-rank training", command_line("benchmarks.lowrank", argv), table)
+        publish_report("Low-rank training: full rank vs Pufferfish vs Cuttlefish (CPU)", command_line("benchmarks.lowrank", argv), table)
     return table
 
 
