@@ -74,9 +74,14 @@ def test_stable_rank_of_a_random_matrix_scales_to_full_rank():
 def test_ranks_rounding_and_settling():
     assert lowrank.round_rank(13.2, 64, 128, 8) == 16 and lowrank.round_rank(0.1, 64, 128, 8) == 8
     assert lowrank.round_rank(500, 64, 128, 8) == 64 and lowrank.round_rank(3, 2, 128, 8) == 2
-    h = [{"wq": [10.0, 20.0]}, {"wq": [9.0, 19.0]}, {"wq": [9.0, 19.1]}]
-    assert not lowrank.ranks_settled(h, 2, 0.05) and lowrank.ranks_settled(h, 1, 0.01)
-    assert not lowrank.ranks_settled(h[:1], 1, 0.5)
+    h = [{"wq": [10.0, 20.0]}, {"wq": [9.0, 19.0]}, {"wq": [9.0, 19.1]}]  # ranks of a full rank 100
+    full = {"wq": 100}
+    assert not lowrank.ranks_settled(h, 2, 0.005, full) and lowrank.ranks_settled(h, 2, 0.01, full)
+    assert lowrank.ranks_settled(h, 1, 0.0011, full) and not lowrank.ranks_settled(h, 1, 0.0009, full)
+    assert not lowrank.ranks_settled(h[:1], 1, 0.5, full)
+    moved_dense_layer = [{"wq": [10.0, 20.0]}, {"wq": [50.0, 20.5]}]  # layer 0 stays dense
+    assert lowrank.ranks_settled(moved_dense_layer, 1, 0.01, full, first_layer=1)
+    assert not lowrank.ranks_settled(moved_dense_layer, 1, 0.01, full)
 
 
 def test_frobenius_decay_equals_the_merged_norm():

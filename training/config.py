@@ -182,8 +182,8 @@ class LowRankSection:
     targets: tuple[str, ...] = LOWRANK_TARGETS  # which matmul weights of a layer are factorized
     rank_multiple: int = 8  # ranks rounded up to a multiple of this (matmul tiles)
     track_every: int = 10  # cuttlefish: measure stable ranks every N steps
-    window: int = 3  # cuttlefish: settled = relative change < threshold over this many measurements
-    threshold: float = 0.02  # cuttlefish: relative change of every scaled stable rank
+    window: int = 3  # cuttlefish: settled = every rank moved <= threshold * full rank over this many measurements
+    threshold: float = 0.02  # cuttlefish: largest settled change of a scaled stable rank, as a share of full rank
     power_iters: int = 20  # cuttlefish: power iterations per spectral-norm estimate
     frobenius_decay: float = 0.0  # lambda of lambda/2 * sum ||u v||_F^2 after the switch (0 = off)
 

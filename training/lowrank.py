@@ -7,8 +7,13 @@ Both train full rank first, then switch once: every targeted matmul weight W [m,
 * **Pufferfish** switches after `lowrank.warmup_steps` steps at rank `rank_ratio * min(m, n)`.
 * **Cuttlefish** measures each targeted weight's stable rank ||W||_F^2 / ||W||_2^2 every
   `track_every` steps (power iteration on device), scaled so a random Gaussian init counts as full
-  rank; it switches at the first tracked step >= `warmup_steps` where every scaled rank changed by
-  less than `threshold` (relative) over the last `window` measurements, at the scaled stable rank.
+  rank; it switches at the first tracked step >= `warmup_steps` where every scaled rank of the layers
+  it will factorize changed by less than `threshold * min(m, n)` over the last `window` measurements,
+  at the scaled stable rank. The change is measured against the full rank, not the rank itself: a
+  rank that drifts 21 -> 23 of 512 changes the factorization by nothing that matters, and a
+  rank-relative test never settled in a 300-step run (BENCHMARKS.md, first low-rank table). The
+  reference code smooths per-epoch ranks with an EMA and thresholds |d rank / d epoch| in rank units
+  instead; its units (epochs, CNN layer sizes) do not carry over to steps of a language model.
 
 Ranks are rounded up to a multiple of `rank_multiple` (matmul tiles) and clipped to [1, min(m, n)].
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,14 +119,16 @@ def track_ranks(params: Params, targets: Sequence[str], iters: int = 20) -> dict
     return {name: scaled_stable_rank(params["layers"][name], iters) for name in targets}
 
 
-def ranks_settled(history: Sequence[dict[str, Sequence[float]]], window: int, threshold: float) -> bool:
-    """Whether every tracked rank changed by less than `threshold` (relative) over the last `window`
-    measurements (history: one {target: [L ranks]} per measurement, oldest first)."""
+def ranks_settled(history: Sequence[dict[str, Sequence[float]]], window: int, threshold: float,
+                  full: Mapping[str, int], first_layer: int = 0) -> bool:
+    """Whether every tracked rank of layers [first_layer, L) changed by at most `threshold * full[name]`
+    over the last `window` measurements (history: one {target: [L ranks]} per measurement, oldest
+    first; full: each target's min(m, n))."""
     if len(history) <= window:
         return False
     old, new = history[-1 - window], history[-1]
-    return all(abs(b - a) <= threshold * max(a, 1e-9)
-               for k in new for a, b in zip(old[k], new[k]))
+    return all(abs(b - a) <= threshold * full[k]
+               for k in new for a, b in zip(old[k][first_layer:], new[k][first_layer:]))
 
 
 def due(lr: Any, config: LlamaConfig, params: Params, step: int, memo: dict[str, Any]) -> LayerVariants | None:
@@ -140,7 +147,9 @@ def due(lr: Any, config: LlamaConfig, params: Params, step: int, memo: dict[str,
         memo["track"] = jax.jit(lambda p: track_ranks(p, lr.targets, lr.power_iters))
     ranks = jax.device_get(memo["track"](params))
     history.append({"step": step, "ranks": {k: [float(x) for x in v] for k, v in ranks.items()}})
-    if step < lr.warmup_steps or not ranks_settled([h["ranks"] for h in history], lr.window, lr.threshold):
+    full = {name: min(WEIGHTS[name].shape(config)) for name in lr.targets}
+    settled = ranks_settled([h["ranks"] for h in history], lr.window, lr.threshold, full, lr.full_rank_layers)
+    if step < lr.warmup_steps or not settled:
         return None
     scaled = {k: np.asarray(v) for k, v in history[-1]["ranks"].items()}
     return cuttlefish_variants(config, scaled, lr.full_rank_layers, lr.rank_multiple)
