@@ -15,12 +15,21 @@ PARAMS = init_params(CONFIG, jax.random.key(0), std=0.2)  # peaky logits: greedy
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], list(range(100, 133))]
 
 
+# The no-cache forward over one fixed-width buffer: one compile for every step of every prompt
+# (a growing sequence would compile each op anew for each length). Causal attention: the trailing
+# padding is unseen by the positions that are read.
+_FORWARD = jax.jit(lambda params, tokens: forward(params, CONFIG, tokens)[0])
+_WIDTH = 64
+
+
 def _plain_greedy(prompt, n):
     """Reference: greedy decoding by re-running the full no-cache forward each step."""
     seq = list(prompt)
+    assert len(seq) + n <= _WIDTH
     for _ in range(n):
-        logits, _ = forward(PARAMS, CONFIG, jnp.array([seq]))
-        seq.append(int(jnp.argmax(logits[0, -1])))
+        buf = np.zeros((1, _WIDTH), np.int32)
+        buf[0, :len(seq)] = seq
+        seq.append(int(jnp.argmax(_FORWARD(PARAMS, jnp.asarray(buf))[0, len(seq) - 1])))
     return seq[len(prompt):]
 
 

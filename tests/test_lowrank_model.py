@@ -57,10 +57,12 @@ def test_segments_compose_over_ranges_caches_and_unstacked_layers():
     np.testing.assert_allclose(h_b, h, atol=1e-5)
     np.testing.assert_allclose(hidden[2], h_a, atol=1e-5)
     full = forward(params, config, TOKENS)[0]
+    # compiled as a whole, once per chunk length and layout (op by op, each one compiles every op)
+    chunk = jax.jit(lambda p, tokens, cache: forward(p, config, tokens, cache=cache))
     for p in (params, unstack_layers(params)):  # scanned segments and the unrolled decode layout
         cache, pieces = KVCache.create(config, 2, 32), []
         for a, b in [(0, 5), (5, 6), (6, 12)]:
-            logits, cache = forward(p, config, TOKENS[:, a:b], cache=cache)
+            logits, cache = chunk(p, TOKENS[:, a:b], cache)
             cache = cache.replace(lengths=cache.lengths + (b - a))
             pieces.append(logits)
         np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-4)
