@@ -2,7 +2,7 @@
 
     python -m benchmarks.chai [--models smollm2,trained] [--context 2048] [--new-tokens 32]
         [--repeats 3] [--eval-tokens 8192] [--mc-items 40] [--samples 32] [--train-steps 160]
-        [--clusters auto|N] [--out runs/bench-chai] [--quick] [--no-append]
+        [--clusters auto[,N...]] [--out runs/bench-chai] [--quick] [--no-append]
 
 **Models** (`--models`, comma-separated): `smollm2` (SmolLM2-135M-Instruct, 9 query heads over 3 KV
 heads); `trained`, the main job's model (`training.train`, preset `baseline`: d=256, 8 layers, the
@@ -10,11 +10,14 @@ stdlib corpus) given 8 query heads over 4 KV heads and a 4096-token context, tra
 `--train-steps` steps (about 4 minutes on 2 CPU cores; a finished run under OUT/trained with the same
 config is reused); or a model path.
 
-**Per model**, calibrated here with `inference.chai_calibrate.calibrate` (`--clusters auto`, the
-elbow rule) once per granularity, `kv` and `query`, on `--samples` windows of 256 tokens: half of the
-held-out stdlib modules plus the chat-template prose (`benchmarks.chai_tasks` says which half; the
-other half is the evaluation text). The files are written to OUT/<model>-chai-<granularity>.json.
-Then three modes side by side in this run, dense, CHAI kv and CHAI query:
+**Per model**, calibrated here with `inference.chai_calibrate.calibrate` once per `--clusters`
+setting (`auto`: the elbow rule, the default; N: N clusters in every layer, capped at the layer's n)
+and granularity, `kv` and `query`, on `--samples` windows of 256 tokens: half of the held-out stdlib
+modules plus the chat-template prose (`benchmarks.chai_tasks` says which half; the other half is the
+evaluation text). The files are written to OUT/<model>-chai-<granularity>-<setting>.json. Then every
+mode side by side in this run, dense and CHAI at each granularity and setting. On SmolLM2 the elbow
+keeps all 3 KV groups in every layer (merging two leaves 22-49% of their disagreement unexplained,
+above the 10% tolerance), so `--clusters auto,2` adds the forced comparison:
 
 - **KV cache bytes** allocated for decoding (`KVCache.nbytes`, batch 1; the share saved is the same
   at any batch), and the K slots kept of L*KV.
@@ -65,7 +68,7 @@ from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import unstack_layers
 
 TITLE = "CHAI clustered heads: KV memory, score FLOPs, long-context decode and accuracy (CPU)"
-MODES = ("dense", "kv", "query")
+GRANULARITIES = ("kv", "query")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +84,11 @@ class Settings:
     calib_tokens: int = 256
     eval_batch: int = 4
     train_steps: int = 160
-    clusters: str | int = "auto"  # chai_calibrate --clusters: the elbow rule, or N in every layer
+    clusters: tuple[str | int, ...] = ("auto",)  # chai_calibrate --clusters settings: the elbow, or N per layer
 
 
 QUICK = Settings(context=48, new_tokens=4, batches=(1, 2), repeats=1, eval_tokens=128, mc_items=4, seq_len=64,
-                 samples=2, calib_tokens=32, eval_batch=4, train_steps=4, clusters=1)  # 1: every path clusters
+                 samples=2, calib_tokens=32, eval_batch=4, train_steps=4, clusters=(1,))  # every path clusters
 
 
 # --------------------------------------------------------------------------- models and calibration
@@ -116,13 +119,15 @@ def trained_model(out: Path, steps: int, quick: bool) -> Path:
     return folder
 
 
-def calibrate_model(config, params, tokenizer, source: str, granularity: str, code_file: Path, s: Settings,
-                    path: Path) -> ChaiCalibration:
-    """`inference.chai_calibrate` (--clusters s.clusters) on the calibration half of the code plus
-    the chat prose."""
+def calibrate_model(config, params, tokenizer, source: str, granularity: str, clusters: str | int,
+                    code_file: Path, s: Settings, path: Path) -> ChaiCalibration:
+    """`inference.chai_calibrate --clusters CLUSTERS` on the calibration half of the code plus the
+    chat prose (a fixed count above a granularity's n is capped at n)."""
+    n = config.num_attention_heads if granularity == "query" else config.num_key_value_heads
+    clusters = clusters if clusters == "auto" else min(int(clusters), n)
     from inference.chai_calibrate import calibrate
 
-    args = argparse.Namespace(model=source, out=str(path), clusters=s.clusters, granularity=granularity,
+    args = argparse.Namespace(model=source, out=str(path), clusters=clusters, granularity=granularity,
                               texts=[str(code_file), "chat"], samples=s.samples,
                               max_tokens=min(s.calib_tokens, config.max_position_embeddings), tolerance=None,
                               batch_size=4, plot=None)
@@ -182,9 +187,12 @@ def measure_model(name: str, source: str, s: Settings, out: Path) -> list[dict[s
     code_file = out / "calibration-code.txt"
     code_file.write_text("\n\n".join(calib_docs), encoding="utf-8")
     cals: dict[str, ChaiCalibration | None] = {"dense": None}
-    for g in MODES[1:]:
-        cals[g] = calibrate_model(config, params, tok, source, g, code_file, s, out / f"{name}-chai-{g}.json")
-        print(f"{name} {g}: clusters {cals[g].clusters}", flush=True)
+    for c in s.clusters:
+        for g in GRANULARITIES:
+            mode = g if len(s.clusters) == 1 else f"{g} {c}"
+            cals[mode] = calibrate_model(config, params, tok, source, g, c, code_file, s,
+                                         out / f"{name}-chai-{g}-{c}.json")
+            print(f"{name} {mode}: clusters {cals[mode].clusters}", flush=True)
     seq_len = min(s.seq_len, config.max_position_embeddings)
     windows = text_windows(tok, eval_docs, s.eval_tokens, seq_len)
     items = next_line_items(tok, eval_docs, s.mc_items, seq_len)
@@ -299,7 +307,7 @@ def report(rows: list[dict], s: Settings) -> str:
             f"per row, float32, median of {s.repeats}; tokens/s = batch x new tokens / decode time. Accuracy: "
             f"{rows[0]['mc_items']} multiple-choice items, next-token scores over about {s.eval_tokens} held-out "
             f"tokens in windows of {s.seq_len}. Calibration: {s.samples} windows of {s.calib_tokens} tokens, "
-            f"`--clusters {s.clusters}`.")
+            f"`--clusters {','.join(map(str, s.clusters))}`.")
 
 
 def _model_sources(names: str, out: Path, s: Settings, quick: bool) -> list[tuple[str, str]]:
@@ -327,7 +335,8 @@ def main(argv: list[str] | None = None) -> str:
                           ("eval-tokens", d.eval_tokens), ("mc-items", d.mc_items), ("samples", d.samples),
                           ("train-steps", d.train_steps)):
         ap.add_argument(f"--{flag}", type=int, default=default)
-    ap.add_argument("--clusters", default="auto", help="calibration: auto (the elbow, default) or N per layer")
+    ap.add_argument("--clusters", default="auto", help="calibrations, comma-separated: auto (the elbow, default) "
+                                                       "and/or N per layer; each runs at both granularities")
     ap.add_argument("--out", default="runs/bench-chai")
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run; writes nothing to BENCHMARKS.md")
     ap.add_argument("--no-append", action="store_true", help="print only; do not write BENCHMARKS.md")
@@ -335,7 +344,8 @@ def main(argv: list[str] | None = None) -> str:
     s = QUICK if args.quick else Settings(context=args.context, new_tokens=args.new_tokens, repeats=args.repeats,
                                           eval_tokens=args.eval_tokens, mc_items=args.mc_items,
                                           samples=args.samples, train_steps=args.train_steps,
-                                          clusters=args.clusters if args.clusters == "auto" else int(args.clusters))
+                                          clusters=tuple(c if c == "auto" else int(c) for c in
+                                                         (c.strip() for c in args.clusters.split(",")) if c))
     names = args.models or ("trained" if args.quick else "smollm2,trained")
     body = report(run(names, s, Path(args.out), args.quick), s)
     print(body)

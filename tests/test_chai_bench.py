@@ -40,7 +40,7 @@ def test_quick_run_on_a_tiny_model(tmp_path):
     for row in rows:
         assert 0 <= row["accuracy"] <= 1 and row["perplexity"] > 1 and 0 <= row["mc"] <= 1 and row["mc_items"] >= 1
         assert all(row[b]["tok_s"] > 0 for b in settings.batches)
-    cal = load_chai(tmp_path / "out" / "tiny-chai-kv.json")
+    cal = load_chai(tmp_path / "out" / "tiny-chai-kv-1.json")
     assert rows[1]["calibration"].clusters == cal.clusters
     kv_row, query_row = rows[1][1], rows[2][1]
     assert kv_row["k_slots"] == sum(cal.k_slots())
