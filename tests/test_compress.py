@@ -137,7 +137,7 @@ def test_benchmark_smoke_prints_a_table_for_a_tiny_model(tiny):
     assert body.startswith("| setting |") and "Target (>= 1.3x decode)" in body
 
 
-def test_smollm2_compress_cli_reports_before_and_after_and_generates(tmp_path, capsys):
+def test_smollm2_compress_cli_reports_before_and_after_and_generates(tmp_path, capsys, smollm2_loaded_once):
     """One real model, kept cheap: w_down of the last 2 layers only, 128 held-out tokens."""
     from inference import generate
 

@@ -21,7 +21,7 @@ def _run(capsys, *argv):
 
 
 @needs_smollm2
-def test_cli_chats_with_smollm2_and_prints_json_last(capsys):
+def test_cli_chats_with_smollm2_and_prints_json_last(capsys, smollm2_loaded_once):
     code, out, _ = _run(capsys, "--model", str(SMOLLM2), "--prompt", "What is the capital of France?",
                         "--chat", "--max-new-tokens", "24", "--json")
     assert code == 0
@@ -33,7 +33,7 @@ def test_cli_chats_with_smollm2_and_prints_json_last(capsys):
 
 
 @needs_smollm2
-def test_cli_sampling_is_seeded(capsys):
+def test_cli_sampling_is_seeded(capsys, smollm2_loaded_once):
     args = ["--model", "smollm2", "--prompt", "Once upon a time", "--max-new-tokens", "12",
             "--temperature", "0.9", "--top-k", "40", "--top-p", "0.9", "--json"]
     first = json.loads(_run(capsys, *args, "--seed", "1")[1].splitlines()[-1])
@@ -54,7 +54,7 @@ def test_cli_errors_name_the_problem(capsys, argv, message):
 
 
 @needs_smollm2
-def test_cli_prompt_longer_than_context(capsys, tmp_path):
+def test_cli_prompt_longer_than_context(capsys, smollm2_loaded_once):
     code, _, err = _run(capsys, "--model", "smollm2", "--prompt", "word " * 9000,
                         "--max-new-tokens", "8")
     assert code == 2 and "exceeds the model's context of 8192" in err
