@@ -1,10 +1,12 @@
 """Low-rank compression of SmolLM2-135M: parameters, held-out perplexity and batch-1 decode speed.
 
     python -m benchmarks.compress [--ratios 0.5,0.375,0.25,0.125] [--energies 0.95,0.9,0.8]
+        [--whitened-ratios 0.5,0.375,0.25] [--calib-tokens 8192]
         [--full-rank-layers 0] [--eval-tokens 16384] [--new-tokens 128] [--repeats 3] [--quick] [--no-append]
 
 Each setting factorizes every layer's matmul weights by truncated SVD (`training.compress`, ranks
-rounded up to a multiple of 8; a weight whose rank would not save parameters stays dense) and is
+rounded up to a multiple of 8; a weight whose rank would not save parameters stays dense), plain or
+whitened by the Gram of each weight's inputs on stdlib train-split text (`training.whiten`), and is
 measured without any healing fine-tune: parameters, float32 weight bytes, perplexity on the stdlib
 held-out split under SmolLM2's tokenizer, and greedy decode tokens/s at batch 1 (decode-only rate of
 `inference.generate`, median of --repeats after a compile warm-up). Decoding at batch 1 reads every
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,7 @@ from benchmarks.report import command_line, markdown_table, publish_report
 from inference import generate
 from jaxmodels.convert import load_model
 from jaxmodels.model import unstack_layers
-from training.compress import choose_ranks, compress, heldout_perplexity, param_bytes
+from training.compress import calibration_grams, choose_ranks, compress, heldout_perplexity, param_bytes
 
 PROMPT = "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n"
 TITLE = "Low-rank compression: SmolLM2-135M by SVD, no healing (CPU)"
@@ -38,22 +41,27 @@ def decode_rate(config, params, prompt: list[int], new_tokens: int, repeats: int
     return statistics.median(run().decode_tokens_per_second for _ in range(repeats))
 
 
-def settings(ratios: list[float], energies: list[float]) -> list[tuple[str, str | None, float]]:
-    """(label, method, value) for the dense baseline and every requested setting."""
-    return ([("dense", None, 0.0)] + [(f"rank ratio {r:g}", "rank_ratio", r) for r in ratios]
-            + [(f"energy {e:g}", "energy", e) for e in energies])
+def settings(ratios: Sequence[float], energies: Sequence[float],
+             whitened: Sequence[float] = ()) -> list[tuple[str, str | None, float, bool]]:
+    """(label, method, value, whitened) for the dense baseline and every requested setting."""
+    return ([("dense", None, 0.0, False)] + [(f"rank ratio {r:g}", "rank_ratio", r, False) for r in ratios]
+            + [(f"energy {e:g}", "energy", e, False) for e in energies]
+            + [(f"whitened, rank ratio {r:g}", "rank_ratio", r, True) for r in whitened])
 
 
 def run(model: str, ratios: list[float], energies: list[float], full_rank_layers: int, eval_tokens: int,
-        new_tokens: int, repeats: int) -> tuple[str, list[dict]]:
+        new_tokens: int, repeats: int, whitened: Sequence[float] = (), calib_tokens: int = 8192
+        ) -> tuple[str, list[dict]]:
     """Measure every setting; returns (markdown table + notes, one dict per row)."""
     config, params, tok = load_model(model, progress=True)
     prompt = tok.encode(PROMPT)
+    grams = calibration_grams(config, params, tok, calib_tokens) if whitened else None
     results = []
-    for label, method, value in settings(ratios, energies):
+    for label, method, value, whiten in settings(ratios, energies, whitened):
+        g = grams if whiten else None
         variants, kept = (None, []) if method is None else choose_ranks(
-            config, params, method, value, full_rank_layers=full_rank_layers)
-        c, p = compress(config, params, variants) if method is not None else (config, params)
+            config, params, method, value, full_rank_layers=full_rank_layers, grams=g)
+        c, p = compress(config, params, variants, grams=g) if method is not None else (config, params)
         row = dict(setting=label, params=c.num_params(), mb=param_bytes(p) / 1e6, kept_dense=len(kept),
                    perplexity=heldout_perplexity(c, p, tok, eval_tokens),
                    tok_s=decode_rate(c, p, prompt, new_tokens, repeats))
@@ -66,7 +74,9 @@ def run(model: str, ratios: list[float], energies: list[float], full_rank_layers
              f"{r['speedup']:.2f}x"] for r in results]
     verdict = _verdict(results)
     body = (markdown_table(header, rows) + f"\n\n{model}, float32, layers [{full_rank_layers}, L) factorized, "
-            f"ranks rounded up to multiples of 8; perplexity over {eval_tokens} stdlib held-out tokens; "
+            f"ranks rounded up to multiples of 8; "
+            + (f"whitened rows: Grams over {calib_tokens} stdlib train-split tokens; " if whitened else "")
+            + f"perplexity over {eval_tokens} stdlib held-out tokens; "
             f"{new_tokens} new tokens from a {len(prompt)}-token prompt, median of {repeats}. No fine-tune "
             f"after compression (a healing run: `python -m training.train init_from=DIR`). {verdict}")
     return body, results
@@ -96,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--ratios", default="0.5,0.375,0.25,0.125")
     p.add_argument("--energies", default="0.95,0.9,0.8")
+    p.add_argument("--whitened-ratios", default="0.5,0.375,0.25")
+    p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--full-rank-layers", type=int, default=0)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -105,9 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.quick:
         args.ratios, args.energies, args.eval_tokens, args.new_tokens, args.repeats = "0.25", "", 256, 8, 1
+        args.whitened_ratios, args.calib_tokens = "0.25", 256
         args.no_append = True
     body, _ = run(args.model, _floats(args.ratios), _floats(args.energies), args.full_rank_layers,
-                  args.eval_tokens, args.new_tokens, args.repeats)
+                  args.eval_tokens, args.new_tokens, args.repeats, _floats(args.whitened_ratios), args.calib_tokens)
     print(body)
     if not args.no_append:
         publish_report(TITLE, command_line("benchmarks.compress", argv), body)

@@ -14,17 +14,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.config import LlamaConfig
-from jaxmodels.weights import LowRank
+from jaxmodels.weights import GramTap, LowRank
 
 
 def dense(w: jax.Array | LowRank, x: jax.Array) -> jax.Array:
     """x [..., m] @ w [m, n] -> [..., n]: the one place a matmul weight is applied.
 
     A factorized weight goes through its rank: (x @ u) @ v costs (m + n) r per row instead of m n.
+    A `GramTap` applies its weight and records X^T X for activation-aware compression.
     """
+    if isinstance(w, GramTap):
+        return dense(w.w, _gram_tap(x, w.gram))
     if isinstance(w, LowRank):
         return (x @ w.u) @ w.v
     return x @ w
+
+
+@jax.custom_vjp
+def _gram_tap(x: jax.Array, gram: jax.Array) -> jax.Array:
+    """The identity on x [..., m]; its gradient with respect to gram [m, m] is X^T X over x's rows."""
+    return x
+
+
+def _gram_tap_fwd(x: jax.Array, gram: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return x, x
+
+
+def _gram_tap_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    return g, jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+_gram_tap.defvjp(_gram_tap_fwd, _gram_tap_bwd)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

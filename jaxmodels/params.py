@@ -240,19 +240,24 @@ def svd_factor(w: jax.Array | np.ndarray, rank: int) -> LowRank:
     return LowRank(u=(U[:, :rank] * root).astype(w.dtype), v=(root[:, None] * Vt[:rank]).astype(w.dtype))
 
 
+Factorize = Callable[[int, str, Any, int], LowRank]  # (layer, weight name, dense w, rank) -> factors
+
+
 def with_variants(config: LlamaConfig, params: Params, variants: Any,
-                  on_factor: Callable[[], Any] | None = None) -> tuple[LlamaConfig, Params]:
+                  on_factor: Callable[[], Any] | None = None,
+                  factorize: Factorize | None = None) -> tuple[LlamaConfig, Params]:
     """The model re-expressed with `variants` (a `LayerVariants`, or None for all dense): weights the
-    variants factorize are split by `svd_factor` (factorized ones are merged first), the others are
-    merged to dense; layers are restacked into the new segments. `on_factor()` is called after each
-    factorization (a progress bar's update)."""
+    variants factorize are split by `factorize` (default `svd_factor`; factorized ones are merged
+    first), the others are merged to dense; layers are restacked into the new segments.
+    `on_factor()` is called after each factorization (a progress bar's update)."""
     new = config.replace(layer_variants=variants)
+    factorize = factorize or (lambda i, name, w, rank: svd_factor(w, rank))
     per_layer = []
     for i, lp in enumerate(unstack_layers(params)["layers"]):
         ranks, out = layer_ranks(new, i), {}
         for k, w in lp.items():
             w = w.merge() if isinstance(w, LowRank) else w
-            out[k] = svd_factor(w, ranks[k]) if k in ranks else w
+            out[k] = factorize(i, k, w, ranks[k]) if k in ranks else w
             if k in ranks and on_factor is not None:
                 on_factor()
         per_layer.append(out)

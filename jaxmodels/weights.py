@@ -49,6 +49,18 @@ class LowRank:
         return self.u @ self.v
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GramTap:
+    """A matmul weight `w` (dense or `LowRank`) that records what it is applied to: the gradient of
+    any output with respect to `gram` (zeros [..., m, m]) is X^T X, summed over every row x [m] the
+    weight multiplied (`jaxmodels.layers.dense`). Calibration data for activation-aware compression
+    (`training.whiten`); a tapped model computes exactly what the untapped one does."""
+
+    w: Any
+    gram: Any
+
+
 def _always(config: LlamaConfig) -> bool:
     return True
 

@@ -1,7 +1,8 @@
 """Compress a trained or imported model into low-rank layers by SVD (Pufferfish / Cuttlefish style).
 
     python -m training.compress --model PATH --out DIR (--rank-ratio R | --energy E | --stable-rank [S] | --rank R)
-        [--full-rank-layers K] [--targets wq,wk,...] [--multiple 8] [--eval-tokens N | --no-eval]
+        [--whiten [--calib-tokens N]] [--full-rank-layers K] [--targets wq,wk,...] [--multiple 8]
+        [--eval-tokens N | --no-eval]
     python -m training.compress --merge --model LOWRANK_DIR --out HF_DIR   # u @ v back to dense
 
 PATH is anything `load_model` reads (an HF folder, a .gguf, a run folder, `smollm2`). Each targeted
@@ -11,6 +12,11 @@ singular values holding a share E of sum(s^2); `--stable-rank S` uses S * ||W||_
 (Cuttlefish; S defaults to 1); `--rank R` is one fixed rank. Ranks are rounded up to `--multiple`
 (hardware-friendly) and never exceed min(m, n); a weight whose rank would not save parameters
 (r (m + n) >= m n) stays dense, and the output says so.
+
+`--whiten` truncates by the error on real inputs instead (`training.whiten`, SVD-LLM): the Gram of
+each weight's inputs over `--calib-tokens` tokens of the stdlib train split whitens W before the
+SVD, and energy / stable-rank choices read the whitened spectrum. Plain SVD without healing leaves
+SmolLM2 unusable at the ranks that decode faster (BENCHMARKS.md); whitening is the fix to try first.
 
 DIR is a low-rank checkpoint (HF layout + layer_variants.json, marked so transformers refuses it)
 that `python -m inference.generate --model DIR` and `python -m training.train init_from=DIR` load
@@ -37,6 +43,7 @@ from jaxmodels.model import Params
 from jaxmodels.params import unstack_layers, with_variants
 from jaxmodels.weights import FACTORIZABLE, LayerVariants, LowRank, layer_ranks
 from training.config import ConfigError
+from training.whiten import DAMP, Grams, activation_grams, whitened_factor, whitened_singular_values
 
 METHODS = ("rank_ratio", "energy", "stable_rank", "rank")
 
@@ -50,14 +57,16 @@ def _dense_layers(params: Params) -> list[dict[str, np.ndarray]]:
     return out
 
 
-def raw_rank(w: np.ndarray, method: str, value: float) -> int:
-    """The rank `method` asks for on w [m, n], before rounding."""
+def raw_rank(w: np.ndarray, method: str, value: float, gram: np.ndarray | None = None) -> int:
+    """The rank `method` asks for on w [m, n], before rounding (energy and stable rank: of the
+    spectrum of W, or of L^T W when the Gram of its inputs is given)."""
     m, n = w.shape
     if method == "rank":
         return int(value)
     if method == "rank_ratio":
         return math.ceil(value * min(m, n))
-    s2 = np.linalg.svd(w, compute_uv=False).astype(np.float64) ** 2
+    s = np.linalg.svd(w, compute_uv=False) if gram is None else whitened_singular_values(w, gram)
+    s2 = s.astype(np.float64) ** 2
     if method == "energy":
         return int(np.searchsorted(np.cumsum(s2) / s2.sum(), value - 1e-12) + 1)
     return math.ceil(value * s2.sum() / s2[0])  # stable rank ||W||_F^2 / ||W||_2^2, scaled
@@ -93,9 +102,11 @@ def round_rank(rank: int, multiple: int, shape: tuple[int, int]) -> int:
 
 
 def choose_ranks(config: LlamaConfig, params: Params, method: str, value: float, full_rank_layers: int = 0,
-                 targets: Sequence[str] = FACTORIZABLE, multiple: int = 8) -> tuple[LayerVariants | None, list[str]]:
+                 targets: Sequence[str] = FACTORIZABLE, multiple: int = 8,
+                 grams: Grams | None = None) -> tuple[LayerVariants | None, list[str]]:
     """(per-layer variants, notes on weights left dense because their rank would not save
-    parameters). Layers [0, full_rank_layers) stay dense (Pufferfish's hybrid)."""
+    parameters). Layers [0, full_rank_layers) stay dense (Pufferfish's hybrid). `grams`: the
+    activation Grams of `--whiten` (`training.whiten.activation_grams`)."""
     check_choice(method, value, targets, multiple)
     _check_layers(config, full_rank_layers)
     per_layer, notes = [], []
@@ -103,7 +114,7 @@ def choose_ranks(config: LlamaConfig, params: Params, method: str, value: float,
         ranks = {}
         for name in targets if i >= full_rank_layers else ():
             m, n = layer[name].shape
-            r = raw_rank(layer[name], method, value)
+            r = raw_rank(layer[name], method, value, None if grams is None else grams[i][name])
             if method == "rank" and r > min(m, n):
                 raise ConfigError(f"--rank {r} is above min(m, n) = {min(m, n)} of layer {i} '{name}' [{m}, {n}]; "
                                   f"pass --rank <= {min(m, n)} or leave '{name}' out of --targets")
@@ -118,14 +129,16 @@ def choose_ranks(config: LlamaConfig, params: Params, method: str, value: float,
     return (None if variants.is_dense else variants), notes
 
 
-def compress(config: LlamaConfig, params: Params, variants: LayerVariants | None,
-             progress: bool = False) -> tuple[LlamaConfig, Params]:
+def compress(config: LlamaConfig, params: Params, variants: LayerVariants | None, progress: bool = False,
+             grams: Grams | None = None, damp: float = DAMP) -> tuple[LlamaConfig, Params]:
     """The model with `variants` applied by truncated SVD on the host (`with_variants` on numpy
-    float32 arrays; None: all dense, factorized weights merged), with a bar counting factorizations."""
+    float32 arrays; None: all dense, factorized weights merged), with a bar counting factorizations.
+    With `grams`, each weight's SVD is whitened by its inputs' Gram (`training.whiten`)."""
     host = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
     todo = sum(len(layer_ranks(config.replace(layer_variants=variants), i)) for i in range(config.num_hidden_layers))
     with tqdm(total=todo, desc="factorizing", unit="weight", disable=not progress, leave=False) as bar:
-        new, out = with_variants(config, host, variants, on_factor=bar.update)
+        factorize = None if grams is None else (lambda i, name, w, rank: whitened_factor(w, grams[i][name], rank, damp))
+        new, out = with_variants(config, host, variants, on_factor=bar.update, factorize=factorize)
     return new, jax.tree_util.tree_map(np.asarray, out)
 
 
@@ -134,13 +147,13 @@ def param_bytes(params: Params) -> int:
     return sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(params))
 
 
-def heldout_stream(tok: Tokenizer, num_tokens: int) -> np.ndarray:
-    """The first `num_tokens` + 1 tokens of the stdlib held-out split under `tok` (the training
-    package's corpus split and document encoding), encoding only as many documents as needed."""
+def stdlib_stream(tok: Tokenizer, num_tokens: int, split: str = "heldout") -> np.ndarray:
+    """The first `num_tokens` + 1 tokens of the stdlib held-out (or "train") split under `tok` (the
+    training package's corpus split and document encoding), encoding only as many documents as needed."""
     from training.corpus import load_corpus
     from training.data import encode_documents
 
-    docs, pieces, have = load_corpus("stdlib").heldout, [], 0
+    docs, pieces, have = getattr(load_corpus("stdlib"), split), [], 0
     for start in range(0, len(docs), 16):
         pieces.append(encode_documents(tok, docs[start:start + 16]))
         have += len(pieces[-1])
@@ -157,7 +170,7 @@ def heldout_perplexity(config: LlamaConfig, params: Params, tok: Tokenizer, eval
     from training.step import make_eval_step
 
     seq_len = max(1, min(seq_len, eval_tokens, config.max_position_embeddings))
-    stream = heldout_stream(tok, eval_tokens)
+    stream = stdlib_stream(tok, eval_tokens)
     data = DataSet(stream, stream, tok, seq_len, seed=0)
     batch_size = max(1, min(batch_size, data.heldout.num_blocks))
     batches = max(1, data.heldout.num_blocks // batch_size)
@@ -165,6 +178,17 @@ def heldout_perplexity(config: LlamaConfig, params: Params, tok: Tokenizer, eval
     ev = evaluate(jax.jit(make_eval_step(config)), params, data, batch_size, batches, None,
                   "held-out perplexity" if progress else None)
     return ev["perplexity"]
+
+
+def calibration_grams(config: LlamaConfig, params: Params, tok: Tokenizer, num_tokens: int = 8192,
+                      targets: Sequence[str] = FACTORIZABLE, seq_len: int = 512, batch_size: int = 4) -> Grams:
+    """Activation Grams of every targeted weight over `num_tokens` tokens of the stdlib train split
+    (blocks of `seq_len`, `batch_size` per forward/backward pass; a bar on stderr)."""
+    seq_len = max(1, min(seq_len, num_tokens, config.max_position_embeddings))
+    stream = stdlib_stream(tok, num_tokens, split="train")
+    blocks = stream[:len(stream) // seq_len * seq_len].reshape(-1, seq_len)
+    batches = [blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)]
+    return activation_grams(config, params, batches, targets, progress=True)
 
 
 # --------------------------------------------------------------------------- command line
@@ -186,6 +210,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="rank = S * stable rank (default S = 1)")
     how.add_argument("--rank", type=float, metavar="R", help="one fixed rank for every targeted weight")
     how.add_argument("--merge", action="store_true", help="merge a low-rank model's factors into dense weights")
+    p.add_argument("--whiten", action="store_true",
+                   help="truncate by the output error on calibration text (SVD-LLM whitening)")
+    p.add_argument("--calib-tokens", type=int, default=8192, metavar="N",
+                   help="with --whiten: stdlib train-split tokens for the activation statistics")
     p.add_argument("--full-rank-layers", type=int, default=0, metavar="K", help="keep layers [0, K) dense")
     p.add_argument("--targets", default=",".join(FACTORIZABLE), help="comma-separated weights to factorize")
     p.add_argument("--multiple", type=int, default=8, help="round ranks up to a multiple of this (1 = off)")
@@ -228,18 +256,23 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_choice(*method, targets, args.multiple)
     if args.eval_tokens < 1:
         raise ConfigError(f"--eval-tokens {args.eval_tokens} must be >= 1 (or pass --no-eval)")
+    if args.whiten and (args.merge or args.calib_tokens < 1):
+        raise ConfigError("--whiten compresses (not with --merge) and needs --calib-tokens >= 1; e.g. 8192")
     config, params, tok = load_model(args.model, progress=True)
     if args.merge:
         if config.layer_variants is None:
             print(f"note: {args.model} is already dense; writing it unchanged", file=sys.stderr)
         _save(args.out, config, params, tok, merge=True)
         return {"merged": True}
-    variants, notes = choose_ranks(config, params, *method, args.full_rank_layers, targets, args.multiple)
+    if args.whiten and tok is None:
+        raise ConfigError(f"--whiten needs calibration text, but {args.model} has no tokenizer; drop --whiten")
+    grams = calibration_grams(config, params, tok, args.calib_tokens, targets) if args.whiten else None
+    variants, notes = choose_ranks(config, params, *method, args.full_rank_layers, targets, args.multiple, grams)
     measure = not args.no_eval and tok is not None
     if not args.no_eval and tok is None:
         print("note: the model has no tokenizer; perplexity not measured", file=sys.stderr)
     before = heldout_perplexity(config, params, tok, args.eval_tokens) if measure else None
-    new_config, new_params = compress(config, params, variants, progress=True)
+    new_config, new_params = compress(config, params, variants, progress=True, grams=grams)
     after = heldout_perplexity(new_config, new_params, tok, args.eval_tokens) if measure else None
     for note in notes:
         print(note)
