@@ -2,7 +2,7 @@
 
     python -m benchmarks.chai [--models smollm2,trained] [--context 2048] [--new-tokens 32]
         [--repeats 3] [--eval-tokens 8192] [--mc-items 40] [--samples 32] [--train-steps 160]
-        [--clusters auto[,N...]] [--out runs/bench-chai] [--quick] [--no-append]
+        [--clusters auto[,N][,N@F]...] [--out runs/bench-chai] [--quick] [--no-append]
 
 **Models** (`--models`, comma-separated): `smollm2` (SmolLM2-135M-Instruct, 9 query heads over 3 KV
 heads); `trained`, the main job's model (`training.train`, preset `baseline`: d=256, 8 layers, the
@@ -17,7 +17,9 @@ modules plus the chat-template prose (`benchmarks.chai_tasks` says which half; t
 evaluation text). The files are written to OUT/<model>-chai-<granularity>-<setting>.json. Then every
 mode side by side in this run, dense and CHAI at each granularity and setting. On SmolLM2 the elbow
 keeps all 3 KV groups in every layer (merging two leaves 22-49% of their disagreement unexplained,
-above the 10% tolerance), so `--clusters auto,2` adds the forced comparison:
+above the 10% tolerance), so `--clusters auto,2,2@22` adds forced ones: 2 groups in every layer, and in
+layers 22-29 only (`N@F`: N clusters from layer F on, every head kept below; clustering every layer
+of SmolLM2 breaks its generation, colab/chai.ipynb):
 
 - **KV cache bytes** allocated for decoding (`KVCache.nbytes`, batch 1; the share saved is the same
   at any batch), and the K slots kept of L*KV.
@@ -122,9 +124,11 @@ def trained_model(out: Path, steps: int, quick: bool) -> Path:
 def calibrate_model(config, params, tokenizer, source: str, granularity: str, clusters: str | int,
                     code_file: Path, s: Settings, path: Path) -> ChaiCalibration:
     """`inference.chai_calibrate --clusters CLUSTERS` on the calibration half of the code plus the
-    chat prose (a fixed count above a granularity's n is capped at n)."""
+    chat prose (a fixed count above a granularity's n is capped at n). "N@F": N clusters in layers
+    [F, L) only, every head kept below F."""
     n = config.num_attention_heads if granularity == "query" else config.num_key_value_heads
-    clusters = clusters if clusters == "auto" else min(int(clusters), n)
+    count, _, first = str(clusters).partition("@")
+    clusters = "auto" if count == "auto" else min(int(count), n)
     from inference.chai_calibrate import calibrate
 
     args = argparse.Namespace(model=source, out=str(path), clusters=clusters, granularity=granularity,
@@ -132,6 +136,11 @@ def calibrate_model(config, params, tokenizer, source: str, granularity: str, cl
                               max_tokens=min(s.calib_tokens, config.max_position_embeddings), tolerance=None,
                               batch_size=4, plot=None)
     calibration = calibrate(args, config, params, tokenizer, progress=False)
+    if first:
+        keep = range(int(first))
+        calibration = dataclasses.replace(
+            calibration, clusters=tuple(n if i in keep else k for i, k in enumerate(calibration.clusters)),
+            static_groups=tuple(tuple(range(n)) if i in keep else g for i, g in enumerate(calibration.static_groups)))
     calibration.save(path)
     return calibration
 
@@ -335,8 +344,8 @@ def main(argv: list[str] | None = None) -> str:
                           ("eval-tokens", d.eval_tokens), ("mc-items", d.mc_items), ("samples", d.samples),
                           ("train-steps", d.train_steps)):
         ap.add_argument(f"--{flag}", type=int, default=default)
-    ap.add_argument("--clusters", default="auto", help="calibrations, comma-separated: auto (the elbow, default) "
-                                                       "and/or N per layer; each runs at both granularities")
+    ap.add_argument("--clusters", default="auto", help="calibrations, comma-separated: auto (the elbow, default), "
+                                                       "N per layer, N@F (N in layers F.. only); each at both granularities")
     ap.add_argument("--out", default="runs/bench-chai")
     ap.add_argument("--quick", action="store_true", help="a seconds-long smoke run; writes nothing to BENCHMARKS.md")
     ap.add_argument("--no-append", action="store_true", help="print only; do not write BENCHMARKS.md")
@@ -344,8 +353,7 @@ def main(argv: list[str] | None = None) -> str:
     s = QUICK if args.quick else Settings(context=args.context, new_tokens=args.new_tokens, repeats=args.repeats,
                                           eval_tokens=args.eval_tokens, mc_items=args.mc_items,
                                           samples=args.samples, train_steps=args.train_steps,
-                                          clusters=tuple(c if c == "auto" else int(c) for c in
-                                                         (c.strip() for c in args.clusters.split(",")) if c))
+                                          clusters=tuple(c.strip() for c in args.clusters.split(",") if c.strip()))
     names = args.models or ("trained" if args.quick else "smollm2,trained")
     body = report(run(names, s, Path(args.out), args.quick), s)
     print(body)
