@@ -92,7 +92,7 @@ def _verdict(results: list[dict]) -> str:
                       f"{r['perplexity'] / dense:.3g}x dense)" for r in fast)
     broken = [r for r in fast if r["perplexity"] > 10 * dense]
     note = (" Every one of them leaves the model unusable without a healing fine-tune (perplexity over"
-            " 10x dense): plain SVD of a trained LLM's weights discards directions its activations use."
+            " 10x dense)."
             if len(broken) == len(fast) else "")
     return f"Target (>= 1.3x decode): reached by {costs}.{note}"
 
