@@ -8,10 +8,10 @@ Both train full rank first, then switch once: every targeted matmul weight W [m,
 * **Cuttlefish** measures each targeted weight's stable rank ||W||_F^2 / ||W||_2^2 every
   `track_every` steps (power iteration on device), scaled so a random Gaussian init counts as full
   rank; it switches at the first tracked step >= `warmup_steps` where every scaled rank of the layers
-  it will factorize changed by less than `threshold * min(m, n)` over the last `window` measurements,
+  it will factorize moved by at most `threshold * min(m, n)` over the last `window` measurements,
   at the scaled stable rank. The change is measured against the full rank, not the rank itself: a
   rank that drifts 21 -> 23 of 512 changes the factorization by nothing that matters, and a
-  rank-relative test never settled in a 300-step run (BENCHMARKS.md, first low-rank table). The
+  rank-relative test never settled in a 300-step run (benchmarks/history/low-rank-training.md). The
   reference code smooths per-epoch ranks with an EMA and thresholds |d rank / d epoch| in rank units
   instead; its units (epochs, CNN layer sizes) do not carry over to steps of a language model.
 
