@@ -28,6 +28,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
 LAYERSKIP_CURRICULA = ("none", "rotational", "gradual")
+PIPELINE_SCHEDULES = ("gpipe", "circular")
 EXIT_SCALES = ("sum_l", "linear_l", "sqrt_l", "uniform")
 DROPOUT_SCHEDULES = ("constant", "exp")
 LOWRANK_METHODS = ("none", "pufferfish", "cuttlefish")
@@ -105,10 +106,12 @@ class CheckpointSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshSection:
-    """Device mesh: batch split over `data` x `fsdp`, parameters sharded over `fsdp`."""
+    """Device mesh: batch split over `data` x `fsdp`, parameters sharded over `fsdp`, the layer stack
+    split into `stage` pipeline stages (training/pipeline.py)."""
 
-    data: int = -1  # -1 = every device not used by fsdp
+    data: int = -1  # -1 = every device not used by fsdp and stage
     fsdp: int = 1
+    stage: int = 1  # pipeline stages (1 = no pipeline)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -201,6 +204,18 @@ class LowRankSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelineSection:
+    """Pipeline stages when `mesh.stage` > 1 (training/pipeline.py); micro-batches = optimizer.grad_accum."""
+
+    schedule: str = "gpipe"  # gpipe | circular (interleaved chunks: a bubble `repeats` times smaller)
+    repeats: int = 2  # circular: layer chunks per stage
+
+    def __post_init__(self) -> None:
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(f"pipeline.schedule must be one of {PIPELINE_SCHEDULES}, got '{self.schedule}'")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything one training run needs. `init_from` starts from an imported checkpoint."""
 
@@ -213,6 +228,7 @@ class TrainConfig:
     run: RunSection = RunSection()
     layerskip: LayerSkipSection = LayerSkipSection()
     lowrank: LowRankSection = LowRankSection()
+    pipeline: PipelineSection = PipelineSection()
     init_from: str | None = None  # HF folder, .gguf file or run folder (uses its tokenizer)
 
     def replace(self, **flat: Any) -> "TrainConfig":

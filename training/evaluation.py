@@ -81,12 +81,13 @@ def log_final_eval(ev: dict[str, Any], step: int, log: MetricsLog) -> None:
 
 
 def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: DataSet, eval_fn: EvalFn,
-           log: MetricsLog) -> dict[str, Any]:
-    """Final held-out evaluation (`run.eval_batches`), export to RUN_DIR/model, a generated sample."""
+           log: MetricsLog, to_model: Callable[[Params], Params] | None = None) -> dict[str, Any]:
+    """Final held-out evaluation (`run.eval_batches`), export to RUN_DIR/model, a generated sample.
+    `to_model` converts the training state's params to the model's layout (pipeline stages)."""
     run_dir, run = Path(cfg.run.out_dir), cfg.run
     ev = eval_fn(params, run.eval_batches, "final held-out evaluation" if run.progress else None)
     log_final_eval(ev, run.steps, log)
-    host_params = jax.device_get(params)
+    host_params = jax.device_get(params if to_model is None else to_model(params))
     if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_params)):
         raise DivergenceError("the trained parameters hold NaN or Inf values; the model was not exported. "
                               "Lower optimizer.lr or raise schedule.warmup_steps")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxmodels.config import LlamaConfig
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
 from training.config import LayerSkipSection
-from training.step import cast_params, token_cross_entropy
+from training.step import cast_params, token_cross_entropy, typed_zero
 
 def _progress(step: jax.Array, total_steps: int) -> jax.Array:
     return jnp.clip(jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1), 0.0, 1.0)
@@ -118,7 +118,7 @@ def early_exit_loss(params: Params, config: LlamaConfig, hidden: jax.Array, targ
 
     def body(total, xs):
         h, w, beta = xs
-        zero = jnp.zeros((), jnp.float32)
+        zero = typed_zero(h)
         objective, ce, acc = jax.lax.cond(w > 0, one_exit, lambda h, b: (zero, zero, zero), h, beta)
         return total + w * objective, (ce, acc)
 

@@ -28,18 +28,18 @@ UNSHARDED_AXES = ("layers",)  # `lax.scan` reads one layer at a time: never spli
 
 
 def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all); `data=-1` takes the remaining devices."""
+    """A (data, fsdp, stage) mesh over `devices` (default: all); `data=-1` takes the remaining devices."""
     devices = list(devices if devices is not None else jax.devices())
-    n = len(devices)
-    fsdp = cfg.fsdp
-    if fsdp <= 0 or n % fsdp:
-        raise ConfigError(f"mesh.fsdp={fsdp} must be positive and divide the {n} devices")
-    data = n // fsdp if cfg.data == -1 else cfg.data
-    if data <= 0 or data * fsdp > n:
-        raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={fsdp} needs {data * fsdp} devices, "
-                          f"but {n} are available")
-    grid = np.asarray(devices[:data * fsdp], dtype=object).reshape(data, fsdp)
-    return Mesh(grid, ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    n, fsdp, stage = len(devices), cfg.fsdp, cfg.stage
+    for key, size in (("fsdp", fsdp), ("stage", stage)):
+        if size <= 0 or n % size:
+            raise ConfigError(f"mesh.{key}={size} must be positive and divide the {n} devices")
+    data = n // (fsdp * stage) if cfg.data == -1 else cfg.data
+    if data <= 0 or data * fsdp * stage > n:
+        raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={fsdp} x mesh.stage={stage} needs "
+                          f"{max(data, 1) * fsdp * stage} devices, but {n} are available")
+    grid = np.asarray(devices[:data * fsdp * stage], dtype=object).reshape(data, fsdp, stage)
+    return Mesh(grid, ("data", "fsdp", "stage"), axis_types=(AxisType.Auto,) * 3)
 
 
 def batch_size_per_step(mesh: Mesh) -> int:
@@ -47,7 +47,7 @@ def batch_size_per_step(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp: int) -> P:
+def fsdp_spec(path: tuple, shape: tuple[int, ...], fsdp: int) -> P:
     """Shard the largest axis divisible by `fsdp` that is not a stacked layer axis; else replicate.
 
     Axes are told apart by their logical names from the weight table (`jaxmodels.weights`); a leaf
@@ -72,9 +72,23 @@ def state_shardings(tree: Any, mesh: Mesh) -> Any:
     fsdp = mesh.shape["fsdp"]
 
     def spec(path, leaf):
-        return NamedSharding(mesh, _fsdp_spec(path, tuple(getattr(leaf, "shape", ())), fsdp))
+        return NamedSharding(mesh, fsdp_spec(path, tuple(getattr(leaf, "shape", ())), fsdp))
 
     return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+class ModelLayout:
+    """The training state is the model's own params tree (the pipelined layout is
+    `training.pipeline.StageLayout`, with the same three methods)."""
+
+    def to_train(self, params: Any) -> Any:
+        return params
+
+    def to_model(self, params: Any) -> Any:
+        return params
+
+    def shardings(self, tree: Any, mesh: Mesh) -> Any:
+        return state_shardings(tree, mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -42,6 +42,28 @@ def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Arra
     return logz - target_logit, correct
 
 
+def varying_axes(x: jax.Array) -> frozenset:
+    """The `shard_map` axes over which x varies (empty outside shard_map)."""
+    mat = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def make_varying(tree: Any, axes: tuple[str, ...]) -> Any:
+    """Every leaf marked as varying over `axes` (inside `shard_map`). Done once at the top of a
+    per-device program, so that no implicit cast, whose transpose is a reduction, lands inside a
+    `lax.cond` branch that only some devices take (a deadlock)."""
+    def cast(x):
+        missing = tuple(a for a in axes if a not in varying_axes(x))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def typed_zero(like: jax.Array) -> jax.Array:
+    """A float32 scalar 0 that varies over the same `shard_map` axes as `like` (plain 0 outside one):
+    both branches of a `lax.cond` inside `shard_map` must agree on that (pipeline stages)."""
+    return make_varying(jnp.zeros((), jnp.float32), tuple(sorted(varying_axes(like))))
+
+
 def cast_params(params: Params, dtype: jnp.dtype) -> Params:
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
@@ -142,15 +164,22 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
             (grads, loss_sum, acc_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
             grads = jax.tree_util.tree_map(lambda g: g / num_micro, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss_sum / num_micro, "accuracy": acc_sum / num_micro,
-                   "grad_norm": optax.global_norm(grads)}
-        if schedule is not None:
-            metrics["lr"] = schedule(step)
-        return params, opt_state, metrics
+        return apply_gradients(optimizer, schedule, params, opt_state, grads, step,
+                               loss_sum / num_micro, acc_sum / num_micro)
 
     return train_step
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Schedule | None, params: Params,
+                    opt_state: Any, grads: Params, step: jax.Array, loss: jax.Array, accuracy: jax.Array
+                    ) -> tuple[Params, Any, Metrics]:
+    """One optimizer update from the step's mean gradients -> (params, opt_state, metrics)."""
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    if schedule is not None:
+        metrics["lr"] = schedule(step)
+    return params, opt_state, metrics
 
 
 def make_eval_step(config: LlamaConfig, compute_dtype: jnp.dtype = jnp.float32) -> Callable:

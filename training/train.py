@@ -45,7 +45,7 @@ from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, check_param_shapes, init_params
 from jaxmodels.weights import matmul_param_count
-from training import layerskip, lowrank, parallel
+from training import layerskip, lowrank, parallel, pipeline
 from training.checkpoint import Checkpointer
 from training.config import ConfigError, TrainConfig, dump_yaml, load_config
 from training.resume import resume_config, schedule_steps, training_differences
@@ -93,14 +93,17 @@ def load_init(path: str) -> tuple[LlamaConfig, Params, Tokenizer]:
 
 
 def initial_state(cfg: TrainConfig, model_config: LlamaConfig, fns: StepFns, mesh: Mesh,
-                  imported: Params | None) -> tuple[dict[str, Any], Any, Any]:
-    """Fresh (or imported) params, AdamW state and step RNG, placed with their shardings."""
+                  imported: Params | None, layout: Any = None) -> tuple[dict[str, Any], Any, Any]:
+    """Fresh (or imported) params, AdamW state and step RNG, placed with their shardings, in the
+    run's layout (`parallel.ModelLayout`, or pipeline stages' `pipeline.StageLayout`)."""
+    layout = layout or parallel.ModelLayout()
     init_key, step_rng = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
-    init = lambda k: init_params(model_config, k, std=cfg.model.init_std)  # noqa: E731
-    param_sh = parallel.state_shardings(jax.eval_shape(init, init_key), mesh)
-    opt_sh = parallel.state_shardings(jax.eval_shape(fns.optimizer.init, jax.eval_shape(init, init_key)), mesh)
+    init = lambda k: layout.to_train(init_params(model_config, k, std=cfg.model.init_std))  # noqa: E731
+    param_sh = layout.shardings(jax.eval_shape(init, init_key), mesh)
+    opt_sh = layout.shardings(jax.eval_shape(fns.optimizer.init, jax.eval_shape(init, init_key)), mesh)
     if imported is not None:
-        params = parallel.put(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), imported), param_sh)
+        params = layout.to_train(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), imported))
+        params = parallel.put(params, param_sh)
     else:
         params = jax.jit(init, out_shardings=param_sh)(init_key)
     state = {"params": params, "opt_state": jax.jit(fns.optimizer.init, out_shardings=opt_sh)(params),
@@ -191,14 +194,20 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) 
         raise
     if ckpt is not None:
         ckpt.close()
-    ev = finish(cfg, params, model_config, data, eval_fn, log)
+    to_model = None  # pipeline stages: the model's layout, whole on every process, for the export
+    if cfg.mesh.stage > 1:
+        to_model = jax.jit(setup["layout"].to_model, out_shardings=parallel.replicated(setup["mesh"]))
+    ev = finish(cfg, params, model_config, data, eval_fn, log, to_model)
     return _summary(cfg, ev, setup["start"], t_start, seconds, model_config, log)
 
 
-def make_fns(cfg: TrainConfig, model_config: LlamaConfig) -> StepFns:
+def make_fns(cfg: TrainConfig, model_config: LlamaConfig, mesh: Mesh | None = None) -> StepFns:
     """The step functions for this model config: LayerSkip's loss or next-token loss, plus the
-    Frobenius decay of factorized weights when `lowrank.frobenius_decay` > 0 (after the switch)."""
+    Frobenius decay of factorized weights when `lowrank.frobenius_decay` > 0 (after the switch);
+    with `mesh.stage` > 1 the pipelined step (training/pipeline.py)."""
     total, dtype, remat = schedule_steps(cfg), jnp.dtype(cfg.model.compute_dtype), cfg.model.remat
+    if cfg.mesh.stage > 1:
+        return pipeline.build_steps(cfg, model_config, mesh, total)
     if cfg.layerskip.enabled:
         base = layerskip.make_loss(model_config, cfg.layerskip, total, dtype, remat)
     else:
@@ -232,8 +241,9 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
     mesh = parallel.make_mesh(cfg.mesh, devices)
     parallel.check_batch(mesh, run.batch_size // opt.grad_accum)
     total = schedule_steps(cfg)
-    fns = make_fns(cfg, model_config)
-    state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported)
+    fns = make_fns(cfg, model_config, mesh)
+    layout = pipeline.StageLayout(pipeline.spec_for(cfg)) if cfg.mesh.stage > 1 else parallel.ModelLayout()
+    state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported, layout)
     start, position, run_dir, history = 0, DataPosition(), Path(run.out_dir), []
     restored = ckpt.restore_latest(state) if ckpt is not None else None
     if restored is not None:
@@ -247,7 +257,7 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
              f"layers, d={model_config.hidden_size}; mesh {dict(mesh.shape)}; batch {run.batch_size} x "
              f"{run.seq_len} tokens ({opt.grad_accum} micro-batches); {run.steps} steps"
              + (f" (schedules over {total})" if total != run.steps else ""))
-    return {"mesh": mesh, "fns": fns, "state": state, "param_sh": param_sh, "opt_sh": opt_sh,
+    return {"mesh": mesh, "fns": fns, "state": state, "param_sh": param_sh, "opt_sh": opt_sh, "layout": layout,
             "start": start, "position": position, "lowrank_history": history}
 
 
@@ -267,7 +277,8 @@ def _compile(cfg: TrainConfig, model_config: LlamaConfig, data: DataSet, setup: 
     eval_fn = lambda p, n, desc=None: evaluate(eval_step, p, data, micro, n, eval_sh, desc)  # noqa: E731
     if cfg.layerskip.enabled:  # held-out loss and agreement with the last layer at every exit
         exit_step = parallel.jit_eval_step(
-            lambda p, b: layerskip.exit_eval_sums(p, model_config, b["inputs"], b["targets"], b["weights"]),
+            lambda p, b: layerskip.exit_eval_sums(setup["layout"].to_model(p), model_config, b["inputs"],
+                                                  b["targets"], b["weights"]),
             mesh, setup["param_sh"])
         plain_eval = eval_fn
         eval_fn = lambda p, n, desc=None: {**plain_eval(p, n, desc), **layerskip.evaluate_exits(  # noqa: E731

@@ -35,7 +35,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "schedule.warmup_steps": (0, INT_MAX, True, True), "schedule.min_lr_ratio": (0, 1, True, True),
     "schedule.total_steps": (0, INT_MAX, True, True),
     "checkpoint.every": (1, INT_MAX, True, True), "checkpoint.keep": (1, INT_MAX, True, True),
-    "mesh.data": (-1, INT_MAX, True, True), "mesh.fsdp": (1, INT_MAX, True, True),
+    "mesh.data": (-1, INT_MAX, True, True), "mesh.fsdp": (1, INT_MAX, True, True), "mesh.stage": (1, INT_MAX, True, True),
     "run.steps": (1, INT_MAX, True, True), "run.batch_size": (1, INT_MAX, True, True),
     "run.seq_len": (1, INT_MAX, True, True), "run.log_every": (1, INT_MAX, True, True),
     "run.eval_every": (0, INT_MAX, True, True), "run.eval_batches": (0, INT_MAX, True, True),
@@ -48,6 +48,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lowrank.track_every": (1, INT_MAX, True, True), "lowrank.window": (1, INT_MAX, True, True),
     "lowrank.threshold": (0, None, False, True), "lowrank.power_iters": (1, 1000, True, True),
     "lowrank.frobenius_decay": (0, None, True, True), "layerskip.exit_distill": (0, 1, True, True),
+    "pipeline.repeats": (2, INT_MAX, True, True),
 }
 PATH_KEYS = ("run.out_dir", "data.source", "data.tokenizer", "data.cache_dir", "init_from")
 MODEL_SHAPE_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
@@ -128,11 +129,29 @@ def validate(cfg: TrainConfig) -> None:
                           f"beyond what one step can index; lower one of them")
     if not cfg.init_from:
         check_model_shape(cfg)
+    check_pipeline(cfg)
     lr = cfg.lowrank
     if lr.enabled and not cfg.init_from and lr.full_rank_layers >= cfg.model.num_hidden_layers:
         raise ConfigError(f"lowrank.full_rank_layers={lr.full_rank_layers} leaves no layer to factorize "
                           f"(model.num_hidden_layers={cfg.model.num_hidden_layers}); use 0 to "
                           f"{cfg.model.num_hidden_layers - 1}, or lowrank.method=none")
+
+
+def check_pipeline(cfg: TrainConfig) -> None:
+    """Pipeline stages that cannot split this model or batch, or features that do not combine with them."""
+    if cfg.mesh.stage == 1:
+        return
+    from training.pipeline import PipelineSpec, check_spec
+
+    repeats = cfg.pipeline.repeats if cfg.pipeline.schedule == "circular" else 1
+    if not cfg.init_from:
+        check_spec(PipelineSpec(cfg.mesh.stage, cfg.optimizer.grad_accum, repeats), cfg.model.num_hidden_layers)
+    if cfg.lowrank.enabled:
+        raise ConfigError("lowrank.method switches to low rank during the run, which pipeline stages do not "
+                          "support yet; train a factorized model (init_from a compressed model) or use mesh.stage=1")
+    if cfg.layerskip.exit_loss and cfg.layerskip.exit_distill > 0:
+        raise ConfigError("layerskip.exit_distill > 0 is not supported with pipeline stages (the final layer's "
+                          "distribution lives on the last stage); set it to 0 or use mesh.stage=1")
 
 
 def ineffective_keys(cfg: TrainConfig, given: list[str], resume: bool = False) -> list[str]:
@@ -159,6 +178,8 @@ def ineffective_keys(cfg: TrainConfig, given: list[str], resume: bool = False) -
         (("layerskip.e_scale", "layerskip.exit_scale", "layerskip.curriculum", "layerskip.rotation",
           "layerskip.exit_distill"), not cfg.layerskip.exit_loss, "layerskip.exit_loss is false"),
         (("run.decode_report",), not cfg.layerskip.enabled, "LayerSkip is off"),
+        (("pipeline.schedule", "pipeline.repeats"), cfg.mesh.stage == 1, "mesh.stage is 1 (no pipeline)"),
+        (("pipeline.repeats",), cfg.pipeline.schedule != "circular", "pipeline.schedule is not 'circular'"),
     ]
     out = [f"{key}: {why}" for keys, active, why in reasons if active for key in keys if key in given]
     if resume and not cfg.checkpoint.enabled:
