@@ -16,7 +16,8 @@ from training import parallel
 from training.config import ConfigError, LayerSkipSection, MeshSection
 from training.layerskip import make_loss
 from training.pipeline import (PipelineSpec, check_spec, fsdp_axes, from_stage_layout, pipeline_loss,
-                               stage_loss_setup, state_shardings, step_masks, to_stage_layout)
+                               state_shardings, to_stage_layout)
+from training.pipeline_step import stage_loss_setup, step_masks
 from training.step import next_token_loss
 
 CONFIG = tiny_config(num_hidden_layers=8, vocab_size=96, hidden_size=32, intermediate_size=64,
@@ -127,4 +128,4 @@ def test_mesh_must_divide_the_devices():
 def test_hybrid_stack_is_refused():
     config = dataclasses.replace(CONFIG, layer_variants=LayerVariants.hybrid(8, {"wq": 4}, full_rank_layers=2))
     with pytest.raises(ConfigError, match="homogeneous layer stack"):
-        to_stage_layout(init_params(config, jax.random.key(0)), PipelineSpec(2, 2))
+        to_stage_layout(jax.eval_shape(lambda: init_params(config, jax.random.key(0))), PipelineSpec(2, 2))

@@ -136,8 +136,14 @@ def init_distributed() -> None:
         raise ConfigError(f"multi-process run: JAX_COORDINATOR_ADDRESS={address!r}, JAX_NUM_PROCESSES={count}, "
                           f"JAX_PROCESS_ID={index}: need host:port, N >= 1 and 0 <= id < N")
     timeout = _env_int("JAX_DISTRIBUTED_TIMEOUT", "300")
-    jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
-                               initialization_timeout=timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
+                                   initialization_timeout=timeout)
+    except Exception as err:  # jax raises a runtime error (DEADLINE_EXCEEDED, UNAVAILABLE, ...) after the timeout
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"process {index} of {count} could not join the JAX cluster at {address} within "
+                          f"{timeout} s ({first}); check that process 0 runs and that this address and port "
+                          f"are reachable from here, or raise JAX_DISTRIBUTED_TIMEOUT") from None
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -122,7 +122,7 @@ def early_exit_loss(params: Params, config: LlamaConfig, hidden: jax.Array, targ
         objective, ce, acc = jax.lax.cond(w > 0, one_exit, lambda h, b: (zero, zero, zero), h, beta)
         return total + w * objective, (ce, acc)
 
-    total, (per_exit, accuracy) = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, weights, betas))
+    total, (per_exit, accuracy) = jax.lax.scan(body, typed_zero(hidden), (hidden, weights, betas))
     return total, per_exit, accuracy
 
 

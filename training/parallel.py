@@ -38,7 +38,9 @@ def make_mesh(cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> 
     if data <= 0 or data * fsdp * stage > n:
         raise ConfigError(f"mesh.data={cfg.data} x mesh.fsdp={fsdp} x mesh.stage={stage} needs "
                           f"{max(data, 1) * fsdp * stage} devices, but {n} are available")
-    grid = np.asarray(devices[:data * fsdp * stage], dtype=object).reshape(data, fsdp, stage)
+    # stage varies slowest over the device order, so pipeline stages span hosts (the hand-offs are
+    # few and small) while data and fsdp reductions stay within a host's devices
+    grid = np.asarray(devices[:data * fsdp * stage], dtype=object).reshape(stage, data, fsdp).transpose(1, 2, 0)
     return Mesh(grid, ("data", "fsdp", "stage"), axis_types=(AxisType.Auto,) * 3)
 
 

@@ -42,8 +42,9 @@ from jaxmodels.config import LlamaConfig
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
 from training import parallel
 from training.config import ConfigError
-from training.layerskip import dropout_probabilities, early_exit_loss, exit_weights, sample_skip_mask
-from training.step import apply_gradients, cast_params, make_varying, token_cross_entropy, typed_zero
+from training.handoff import ring
+from training.layerskip import early_exit_loss
+from training.step import cast_params, make_varying, token_cross_entropy, typed_zero
 
 SCHEDULES = ("gpipe", "circular")
 BATCH_AXES = ("data", "fsdp")
@@ -217,19 +218,33 @@ def _gather_fsdp(tree: Any, axes: Any) -> Any:
         lambda w, ax: w if ax < 0 else jax.lax.all_gather(w, "fsdp", axis=ax, tiled=True), tree, axes)
 
 
+def _slots(t: int, s: jax.Array, spec: PipelineSpec) -> tuple[tuple, tuple]:
+    """Which per-example memory slots stage s uses at iteration t (AC-SGD, `training.handoff`):
+    send = (repeat r, micro-batch m, valid) of what it sends now, recv = the same for what it receives
+    (from stage s-1; stage 0's slot r is what enters its chunk of repeat r, so r = 0 never arrives)."""
+    S, M, V = spec.stages, spec.microbatches, spec.repeats
+    j, jr = t - s, t - (s - 1) % S
+    r, m = jnp.clip(j, 0, V * M - 1) // M, jnp.clip(j, 0, V * M - 1) % M
+    send = (r, m, (j >= 0) & (j < V * M) & (r * S + s != S * V - 1))  # the last chunk sends nothing
+    rr = jnp.clip(jr, 0, V * M - 1) // M + (s == 0)
+    recv = (jnp.minimum(rr, V - 1), jnp.clip(jr, 0, V * M - 1) % M, (jr >= 0) & (jr < V * M) & (rr < V))
+    return send, recv
+
+
 def _stage_program(setup: StageLoss, spec: PipelineSpec, chunk_axes: Any, handoff: Callable) -> Callable:
     """The per-device body: (layers [1, V, K, ...], shared, inputs/targets [M, b, T], skip [M, L],
-    weights [L]) -> (loss, accuracy, final CE, busy [1, iterations]), summed over stages and averaged
-    over batch shards. `handoff(y) -> received` moves activations one stage along the ring."""
+    weights [L], memory) -> (loss, accuracy, final CE, busy [1, iterations], memory), summed over
+    stages and averaged over batch shards. `handoff(y, memory, slots) -> (received, memory)` moves
+    activations one stage along the ring (`training.handoff`); memory is None or AC-SGD's buffers."""
     S, M, V = spec.stages, spec.microbatches, spec.repeats
 
-    def body(layers, shared, inputs, targets, skip, weights):
+    def body(layers, shared, inputs, targets, skip, weights, memory):
         s = jax.lax.axis_index("stage")
         every = ("stage", *BATCH_AXES)  # gradient reductions at these casts, not inside a cond branch
         layers = jax.tree_util.tree_map(lambda w: w[0], make_varying(cast_params(layers, setup.compute_dtype), every))
         shared = make_varying(cast_params(shared, setup.compute_dtype), every)
+        memory = None if memory is None else tuple(m[0] for m in memory)  # [V, M, b, T, D] each
         k = layers["attn_norm"].shape[1]
-        last = S * V - 1
         buf = embed_tokens(shared, inputs)  # [M, b, T, D]: stage 0's slot per micro-batch
         state = jnp.zeros_like(buf[0])
         sums, busy = [jnp.zeros((), jnp.float32)] * 3, []
@@ -242,135 +257,46 @@ def _stage_program(setup: StageLoss, spec: PipelineSpec, chunk_axes: Any, handof
             flags = jax.lax.dynamic_slice_in_dim(skip[m], chunk * k, k) if setup.dropout else None
             w = jax.lax.dynamic_slice_in_dim(weights, chunk * k, k)
             x = jnp.where(s == 0, buf[m], state)
-            y, *scores = _chunk(setup, params, x, flags, targets[m], w, chunk == last)
+            y, *scores = _chunk(setup, params, x, flags, targets[m], w, chunk == S * V - 1)
             sums = [acc + jnp.where(valid, v, 0.0) for acc, v in zip(sums, scores)]
-            state = handoff(y)
+            busy.append(valid)
+            if t == spec.iterations - 1:
+                break  # the last iteration's output goes nowhere: no hand-off
+            state, memory = handoff(y, memory, _slots(t, s, spec))
             done = t - (S - 1)  # the micro-batch stage S-1 finished now goes round again
             if 0 <= done < (V - 1) * M:
                 buf = buf.at[done % M].set(jnp.where(s == 0, state, buf[done % M]))
-            busy.append(valid)
         sums = [jax.lax.pmean(jax.lax.psum(v, "stage"), BATCH_AXES) / M for v in sums]
-        return (*sums, jnp.stack(busy)[None])
+        return (*sums, jnp.stack(busy)[None], None if memory is None else tuple(m[None] for m in memory))
 
     return body
 
 
-def ring_handoff(stages: int) -> Callable:
-    """The plain hand-off: y [b, T, D] from stage s to s+1 (S-1 to 0), uncompressed."""
-    perm = [(i, (i + 1) % stages) for i in range(stages)]
-    return lambda y: jax.lax.ppermute(y, "stage", perm)
-
-
 def pipeline_loss(setup: StageLoss, mesh: Mesh, spec: PipelineSpec, params_like: Params,
                   fsdp_axes: Any = None, handoff: Callable | None = None) -> Callable:
-    """`(params in stage layout, inputs [M, b, T], targets, skip [M, L] bool, weights [L]) ->
-    (loss, {accuracy, final_loss, busy [S, iterations]})`: the mean over micro-batches of each
-    micro-batch's loss, as the unpipelined accumulation computes it.
+    """`(params in stage layout, inputs [M, b, T], targets, skip [M, L] bool, weights [L], memory=None)
+    -> (loss, {accuracy, final_loss, busy [S, iterations], memory})`: the mean over micro-batches of
+    each micro-batch's loss, as the unpipelined accumulation computes it.
 
     `params_like`: the stage-layout tree (arrays or shapes) for the specs; `fsdp_axes`: per layer
-    leaf the stage-layout axis sharded over `fsdp` (-1: none), or None; `handoff`: replaces `ring_handoff`."""
+    leaf the stage-layout axis sharded over `fsdp` (-1: none), or None; `handoff`: default
+    `training.handoff.ring`; with `training.handoff.acsgd`, `memory` is its (send, recv) buffers
+    [S, V, M, b, T, D] each, returned updated."""
     check_spec(spec, setup.config.num_hidden_layers)
     chunk_axes = (None if fsdp_axes is None else  # [S, V, K, ...] -> a chunk's [K, ...]
                   jax.tree_util.tree_map(lambda ax: ax - 2 if ax >= 0 else -1, fsdp_axes))
-    body = _stage_program(setup, spec, chunk_axes, handoff or ring_handoff(spec.stages))
+    body = _stage_program(setup, spec, chunk_axes, handoff or ring(spec.stages))
     specs = stage_specs(params_like, fsdp_axes)
     shared_specs = {k: v for k, v in specs.items() if k != "layers"}
-    batch = P(None, BATCH_AXES, None)
-    mapped = jax.shard_map(body, mesh=mesh,
-                           in_specs=(specs["layers"], shared_specs, batch, batch, P(), P()),
-                           out_specs=(P(), P(), P(), P("stage")))
+    batch, mem = P(None, BATCH_AXES, None), P("stage", None, None, BATCH_AXES)
 
-    def loss_fn(params, inputs, targets, skip, weights):
+    def loss_fn(params, inputs, targets, skip, weights, memory=None):
+        mem_specs = None if memory is None else (mem, mem)
+        mapped = jax.shard_map(body, mesh=mesh,
+                               in_specs=(specs["layers"], shared_specs, batch, batch, P(), P(), mem_specs),
+                               out_specs=(P(), P(), P(), P("stage"), mem_specs))
         shared = {k: v for k, v in params.items() if k != "layers"}
-        loss, acc, final, busy = mapped(params["layers"], shared, inputs, targets, skip, weights)
-        return loss, {"accuracy": acc, "final_loss": final, "busy": busy}
+        loss, acc, final, busy, memory = mapped(params["layers"], shared, inputs, targets, skip, weights, memory)
+        return loss, {"accuracy": acc, "final_loss": final, "busy": busy, "memory": memory}
 
     return loss_fn
-
-
-# --------------------------------------------------------------------------- the train step
-def step_masks(setup: StageLoss, ls: Any, microbatches: int, rng: jax.Array, step: jax.Array,
-               total_steps: int) -> tuple[jax.Array, jax.Array]:
-    """Layer-dropout flags [M, L] (one draw per micro-batch from fold_in(rng, i), as the unpipelined
-    step draws them) and exit weights [L] (LayerSkip's, or all weight on the last layer)."""
-    n = setup.config.num_hidden_layers
-    skip = jnp.zeros((microbatches, n), bool)
-    if setup.dropout:
-        probs = dropout_probabilities(n, step, total_steps, ls.dropout_max, ls.dropout_schedule)
-        skip = jnp.stack([sample_skip_mask(jax.random.fold_in(rng, i), probs) for i in range(microbatches)])
-    if setup.exit_loss:
-        weights = exit_weights(n, step, total_steps, ls.e_scale, ls.curriculum, ls.rotation, ls.exit_scale)
-    else:
-        weights = jax.nn.one_hot(n - 1, n, dtype=jnp.float32)
-    return skip, weights
-
-
-def stage_loss_setup(config: LlamaConfig, ls: Any = None, remat: bool = False,
-                     compute_dtype: str = "float32") -> StageLoss:
-    """A `StageLoss` from the LayerSkip section (None or disabled: the plain next-token loss)."""
-    on = ls is not None and ls.enabled
-    if on and ls.exit_distill > 0:
-        raise ConfigError("layerskip.exit_distill > 0 is not supported with pipeline stages (the final "
-                          "layer's distribution lives on the last stage); set it to 0 or mesh.stage=1")
-    return StageLoss(config, exit_loss=on and ls.exit_loss, dropout=on and ls.dropout_max > 0,
-                     remat=remat, compute_dtype=jnp.dtype(compute_dtype))
-
-
-def make_pipeline_train_step(setup: StageLoss, mesh: Mesh, spec: PipelineSpec, optimizer: Any,
-                             schedule: Any, params_like: Params, total_steps: int, ls: Any = None,
-                             fsdp_axes: Any = None, handoff: Callable | None = None) -> Callable:
-    """(params [stage layout], opt_state, batch [M, b, T], rng, step) -> (params, opt_state, metrics):
-    the unpipelined `make_train_step` with the micro-batch loop replaced by the pipeline."""
-    loss_fn = pipeline_loss(setup, mesh, spec, params_like, fsdp_axes, handoff)
-
-    def train_step(params, opt_state, batch, rng, step):
-        rng = jax.random.fold_in(rng, step)
-        skip, weights = step_masks(setup, ls, batch["inputs"].shape[0], rng, step, total_steps)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch["inputs"], batch["targets"], skip, weights)
-        return apply_gradients(optimizer, schedule, params, opt_state, grads, step, loss, aux["accuracy"])
-
-    return train_step
-
-
-# --------------------------------------------------------------------------- training.train's hooks
-@dataclasses.dataclass(frozen=True)
-class StageLayout:
-    """How `training.train` keeps a pipelined run's state: params and AdamW moments in stage layout
-    (so each stage's chunks are contiguous on its devices: no re-layout per step), converted back
-    to the model's layout for evaluation and export."""
-
-    spec: PipelineSpec
-
-    def to_train(self, params: Params) -> Params:
-        return to_stage_layout(params, self.spec)
-
-    def to_model(self, params: Params) -> Params:
-        return from_stage_layout(params)
-
-    def shardings(self, tree: Any, mesh: Mesh) -> Any:
-        return state_shardings(tree, mesh)
-
-
-def spec_for(cfg: Any) -> PipelineSpec:
-    """The PipelineSpec of a TrainConfig: S = mesh.stage, M = optimizer.grad_accum, V from pipeline.*."""
-    repeats = cfg.pipeline.repeats if cfg.pipeline.schedule == "circular" else 1
-    return PipelineSpec(cfg.mesh.stage, cfg.optimizer.grad_accum, repeats)
-
-
-def build_steps(cfg: Any, model_config: LlamaConfig, mesh: Mesh, total_steps: int) -> Any:
-    """`training.step.StepFns` for a pipelined run: the pipelined train step on stage-layout state,
-    and the usual eval step on the params converted back to the model's layout."""
-    from jaxmodels.model import init_params
-    from training.step import StepFns, learning_rate_schedule, make_eval_step, make_optimizer
-
-    spec = spec_for(cfg)
-    check_spec(spec, model_config.num_hidden_layers)
-    setup = stage_loss_setup(model_config, cfg.layerskip, cfg.model.remat, cfg.model.compute_dtype)
-    optimizer = make_optimizer(cfg.optimizer, cfg.schedule, total_steps)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule, total_steps)
-    like = jax.eval_shape(lambda: to_stage_layout(init_params(model_config, jax.random.key(0)), spec))
-    train = make_pipeline_train_step(setup, mesh, spec, optimizer, schedule, like, total_steps, cfg.layerskip,
-                                     fsdp_axes(like, mesh.shape["fsdp"]))
-    plain_eval = make_eval_step(model_config, setup.compute_dtype)
-    return StepFns(train, lambda p, b: plain_eval(from_stage_layout(p), b), optimizer)

@@ -45,7 +45,7 @@ from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, check_param_shapes, init_params
 from jaxmodels.weights import matmul_param_count
-from training import layerskip, lowrank, parallel, pipeline
+from training import layerskip, lowrank, parallel, pipeline_step
 from training.checkpoint import Checkpointer
 from training.config import ConfigError, TrainConfig, dump_yaml, load_config
 from training.resume import resume_config, schedule_steps, training_differences
@@ -207,7 +207,7 @@ def make_fns(cfg: TrainConfig, model_config: LlamaConfig, mesh: Mesh | None = No
     with `mesh.stage` > 1 the pipelined step (training/pipeline.py)."""
     total, dtype, remat = schedule_steps(cfg), jnp.dtype(cfg.model.compute_dtype), cfg.model.remat
     if cfg.mesh.stage > 1:
-        return pipeline.build_steps(cfg, model_config, mesh, total)
+        return pipeline_step.build_steps(cfg, model_config, mesh, total)
     if cfg.layerskip.enabled:
         base = layerskip.make_loss(model_config, cfg.layerskip, total, dtype, remat)
     else:
@@ -242,7 +242,7 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
     parallel.check_batch(mesh, run.batch_size // opt.grad_accum)
     total = schedule_steps(cfg)
     fns = make_fns(cfg, model_config, mesh)
-    layout = pipeline.StageLayout(pipeline.spec_for(cfg)) if cfg.mesh.stage > 1 else parallel.ModelLayout()
+    layout = pipeline_step.StageLayout(pipeline_step.spec_for(cfg)) if cfg.mesh.stage > 1 else parallel.ModelLayout()
     state, param_sh, opt_sh = initial_state(cfg, model_config, fns, mesh, imported, layout)
     start, position, run_dir, history = 0, DataPosition(), Path(run.out_dir), []
     restored = ckpt.restore_latest(state) if ckpt is not None else None
