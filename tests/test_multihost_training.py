@@ -185,7 +185,5 @@ def test_when_process_0_is_refused_the_lock_every_process_refuses(setup, tmp_pat
     assert not any("Traceback" in out for out in outputs) and not (run_dir / "metrics.jsonl").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="training/train.py writes metrics.jsonl (and config.yaml, summary.json, "
-                                       "model/) from every process, so a 2-process run logs each step twice")
 def test_each_step_is_logged_once(setup):
     assert curve(setup[3])[1] == 1

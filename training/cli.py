@@ -119,6 +119,26 @@ def _env_int(name: str, default: str = "") -> int:
                           f"JAX_NUM_PROCESSES and JAX_PROCESS_ID)") from None
 
 
+def wait_for_coordinator(address: str, timeout: float, index: int, count: int) -> None:
+    """Return once a TCP connection to the coordinator (process 0) succeeds; ConfigError naming the
+    address after `timeout` seconds of refusals (process 0 may start a little later than the others)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except (OSError, ValueError) as err:
+            if time.time() >= deadline or isinstance(err, ValueError):
+                raise ConfigError(f"process {index} of {count} could not reach the JAX coordinator at {address} "
+                                  f"within {timeout} s ({err}); check that process 0 runs and that this address "
+                                  f"and port are reachable from here, or raise JAX_DISTRIBUTED_TIMEOUT") from None
+            time.sleep(0.5)
+
+
 def init_distributed() -> None:
     """Join a multi-process JAX cluster when the environment asks for one (see the module docstring).
 
@@ -136,6 +156,8 @@ def init_distributed() -> None:
         raise ConfigError(f"multi-process run: JAX_COORDINATOR_ADDRESS={address!r}, JAX_NUM_PROCESSES={count}, "
                           f"JAX_PROCESS_ID={index}: need host:port, N >= 1 and 0 <= id < N")
     timeout = _env_int("JAX_DISTRIBUTED_TIMEOUT", "300")
+    if index != 0:  # XLA aborts the process when the coordinator never answers: check first
+        wait_for_coordinator(address, timeout, index, count)
     try:
         jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=index,
                                    initialization_timeout=timeout)

@@ -21,7 +21,7 @@ from jaxmodels.model import Params
 from training import layerskip, parallel
 from training.config import TrainConfig
 from training.data import DataSet
-from training.metrics import DivergenceError, MetricsLog, phase
+from training.metrics import DivergenceError, MetricsLog, phase, is_primary
 
 EvalFn = Callable[[Params, int, str | None], dict[str, Any]]
 
@@ -91,6 +91,8 @@ def finish(cfg: TrainConfig, params: Params, model_config: LlamaConfig, data: Da
     if not all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(host_params)):
         raise DivergenceError("the trained parameters hold NaN or Inf values; the model was not exported. "
                               "Lower optimizer.lr or raise schedule.warmup_steps")
+    if not is_primary():  # process 0 exports, samples and reports; the others are done
+        return ev
     with phase(f"exporting the model to {run_dir / 'model'}"):
         save_hf_checkpoint(run_dir / "model", model_config, host_params)
         data.tokenizer.save(run_dir / "model")

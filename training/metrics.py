@@ -48,10 +48,19 @@ def check_finite(records: list[dict[str, Any]], last_checkpoint: int | None) -> 
                 f"checkpoint and skips the batch, N times at most)", step=int(r["step"]))
 
 
+def is_primary() -> bool:
+    """Whether this process writes the run's files and messages: process 0 of a multi-process run
+    (every process computes; one reports), or the only process."""
+    import jax
+
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
 @contextlib.contextmanager
 def phase(what: str, enabled: bool = True) -> Iterator[None]:
-    """Print '<what> ...' before a long step and '<what>: <seconds>s' after it."""
+    """Print '<what> ...' before a long step and '<what>: <seconds>s' after it (process 0 only)."""
     t0 = time.time()
+    enabled = enabled and is_primary()
     if enabled:
         tqdm.write(f"{what} ...")
     yield
@@ -60,12 +69,15 @@ def phase(what: str, enabled: bool = True) -> Iterator[None]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics plus console messages that do not break the progress bar."""
+    """Append-only JSONL metrics plus console messages that do not break the progress bar; in a
+    multi-process run only process 0 writes and prints (`is_primary`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not is_primary():
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -83,7 +95,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records with step <= `step` (a resumed run re-logs the steps after it), without
         the end-of-run records (final evaluation, decode report) that a resumed run writes again."""
-        if not self.path.exists():
+        if not self.path.exists() or not is_primary():
             return
         keep = [r for r in self.records() if int(r.get("step", 0)) <= step and not r.get("final")
                 and r.get("split") != "decode"]
@@ -96,7 +108,8 @@ class MetricsLog:
 
     @staticmethod
     def echo(message: str) -> None:
-        tqdm.write(message)
+        if is_primary():
+            tqdm.write(message)
 
 
 class Progress:
@@ -104,7 +117,7 @@ class Progress:
 
     def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool = True):
         self.tokens_per_step = tokens_per_step
-        self.bar = tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+        self.bar = tqdm(total=total, initial=start, disable=not (enabled and is_primary()), unit="step", dynamic_ncols=True,
                         smoothing=0.1)
         self.t_last, self.step_last = time.time(), start
         self.t_start = self.t_last

@@ -52,7 +52,7 @@ from training.resume import resume_config, schedule_steps, training_differences
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.evaluation import evaluate, finish, heldout_batches
 from training.interrupt import Interrupted, StopSignals
-from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, phase
+from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, is_primary, phase
 from training.runlock import RunLock, prepare_run_dir
 from training.step import StepFns, build_steps, next_token_loss
 
@@ -251,7 +251,8 @@ def _setup(cfg: TrainConfig, model_config: LlamaConfig, imported: Params | None,
         position = DataPosition.from_dict(meta["data_position"])
         history = meta.get("lowrank_history", [])
         log.echo(f"resumed from {run_dir / 'checkpoints' / str(start)} (step {start}, data {position})")
-    dump_yaml(cfg, run_dir / "config.yaml")
+    if is_primary():
+        dump_yaml(cfg, run_dir / "config.yaml")
     log.truncate_after(start)
     log.echo(f"model: {model_config.num_params() / 1e6:.2f}M parameters, {model_config.num_hidden_layers} "
              f"layers, d={model_config.hidden_size}; mesh {dict(mesh.shape)}; batch {run.batch_size} x "
@@ -399,7 +400,8 @@ def _switch(cfg: TrainConfig, data: DataSet, state: dict[str, Any], step: int, v
     record = {"method": cfg.lowrank.method, "params_before": old.num_params(), "params_after": new.num_params(),
               "flops_per_token_before": 2 * matmul_param_count(old),
               "flops_per_token_after": 2 * matmul_param_count(new)}
-    lowrank.write_record(Path(cfg.run.out_dir), step, variants, record)
+    if is_primary():
+        lowrank.write_record(Path(cfg.run.out_dir), step, variants, record)
     log.write({"split": "lowrank", "step": step + 1, "switch_step": step, **record,
                "ranks": variants.to_json()["layers"]})
     log.echo(f"lowrank: switched after step {step}: {record['params_before'] / 1e6:.2f}M -> "
@@ -417,7 +419,8 @@ def _summary(cfg: TrainConfig, ev: dict[str, Any], start: int, t_start: float, s
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "heldout": ev, "params": model_config.num_params(),
                "tokens_per_step": run.batch_size * run.seq_len, "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if is_primary():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if losses:
         log.echo(f"done in {summary['wall_seconds']}s: train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
                  f"held-out loss {ev['loss']:.3f}")

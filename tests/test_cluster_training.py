@@ -1,0 +1,100 @@
+"""Multi-process training through the launcher (`training.cluster`): 2 processes x 4 CPU devices train
+the same losses and checkpoint as 1 process x 8 devices, and pipeline stages spanning the two
+processes (mesh.stage=2) train the same losses as the unpipelined run.
+
+Each launch compiles the train step in two processes on 2 shared cores (about half a minute)."""
+
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from training.cluster import launch
+from training.testing import metrics_records, tiny_train_config
+from training.train import train
+
+pytestmark = pytest.mark.slow
+
+COMMON = {"model.num_hidden_layers": 4, "run.steps": 4, "schedule.total_steps": 4, "optimizer.grad_accum": 2,
+          "run.batch_size": 16,
+          "run.eval_every": 0, "run.eval_batches": 1, "checkpoint.every": 2}
+
+
+def _cluster_train(run_dir, corpus, cache, processes, devices, **extra) -> str:
+    keys = {"run.out_dir": run_dir, "data.source": corpus, "data.cache_dir": cache, "run.progress": "false",
+            "run.sample_tokens": 0, "data.heldout_percent": 10.0, **COMMON, **extra}
+    command = [sys.executable, "-m", "training.train", "--preset", "tiny", *(f"{k}={v}" for k, v in keys.items())]
+    env = dict(os.environ, JAX_DISTRIBUTED_TIMEOUT="60")
+    env.pop("XLA_FLAGS", None)  # the launcher sets each process's device count
+    log = io.StringIO()
+    code = launch(command, processes=processes, devices_per_process=devices, timeout=300, env=env, output=log)
+    assert code == 0, log.getvalue()[-4000:]
+    return log.getvalue()
+
+
+def _losses(run_dir):
+    return np.asarray([r["loss"] for r in metrics_records(run_dir)])
+
+
+@pytest.mark.parametrize("mesh", [{"mesh.data": 4, "mesh.fsdp": 2}, {"mesh.data": 4, "mesh.stage": 2}],
+                         ids=["data-fsdp", "stage"])
+def test_two_processes_train_as_one(corpus, cache, tmp_path, mesh):
+    reference = train(tiny_train_config(tmp_path / "one", corpus, cache, **COMMON, **mesh))
+    out = _cluster_train(tmp_path / "two", corpus, cache, processes=2, devices=4, **mesh)
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-4)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["heldout"]["loss"] == pytest.approx(reference["heldout"]["loss"], rel=1e-4)
+    assert "[p0]" in out and "[p1]" in out
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert len(metrics_records(tmp_path / "two")) == 4  # process 0 alone writes the metrics
+
+
+# The CLI, with process 1 killed (SIGKILL, no chance to save) when it asks for its KILL_AT-th batch.
+KILLED_WORKER = """
+import os, signal, sys
+from training import data
+original, calls = data.DataSet.train_batch, []
+def dying(self, *args, **kwargs):
+    calls.append(1)
+    if os.environ["JAX_PROCESS_ID"] == "1" and len(calls) == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+data.DataSet.train_batch = dying
+from training.cli import run_as_script
+sys.argv = ["train", *sys.argv[1:]]
+run_as_script()
+"""
+
+
+def test_a_killed_process_ends_the_cluster_and_the_run_resumes(corpus, cache, tmp_path):
+    steps = {"run.steps": 6, "schedule.total_steps": 6}
+    _cluster_train(tmp_path / "reference", corpus, cache, 2, 1, **steps)
+    keys = {"run.out_dir": tmp_path / "run", "data.source": corpus, "data.cache_dir": cache, "run.progress": "false",
+            "run.sample_tokens": 0, "data.heldout_percent": 10.0, **COMMON, **steps}
+    command = [sys.executable, "-c", KILLED_WORKER, "--preset", "tiny", *(f"{k}={v}" for k, v in keys.items())]
+    log = io.StringIO()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = launch(command, processes=2, devices_per_process=1, timeout=300, output=log,
+                  env=dict(env, KILL_AT="4", JAX_DISTRIBUTED_TIMEOUT="60", PYTHONPATH=os.getcwd()))
+    assert code == 128 + 9 and "process 1" in log.getvalue(), log.getvalue()[-3000:]
+    assert "2" in [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    out = _cluster_train(tmp_path / "run", corpus, cache, 2, 1, **steps)  # resumes from step 2
+    assert "resumed from" in out
+    np.testing.assert_array_equal(_losses(tmp_path / "run"), _losses(tmp_path / "reference"))
+
+
+def test_an_unreachable_coordinator_is_named(tmp_path):
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1",
+               JAX_DISTRIBUTED_TIMEOUT="5", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "training.train", "--preset", "tiny", f"run.out_dir={tmp_path}"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"127.0.0.1:{port}" in proc.stderr and "5 s" in proc.stderr
