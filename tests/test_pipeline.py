@@ -64,7 +64,6 @@ def _close(a, b, tol=2e-5):
 
 
 CASES = [  # (stages, repeats, micro-batches, data, fsdp, layerskip)
-    pytest.param(2, 1, 4, 1, 1, None, id="gpipe-2"),
     pytest.param(4, 1, 4, 1, 1, LAYERSKIP, id="gpipe-4-layerskip"),
     pytest.param(2, 2, 2, 1, 1, LAYERSKIP, id="circular-2x2-layerskip"),
     pytest.param(2, 2, 3, 2, 2, None, id="circular-2x2-data2-fsdp2"),
