@@ -29,6 +29,15 @@ import pytest  # noqa: E402
 from training.testing import small_corpus  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every in-memory compiled program after each test module: one pytest process compiles
+    hundreds of programs (unrolled pipeline loops among them), and holding all of them for the whole
+    run only grows its memory. Later modules reload from the persistent cache when they need one."""
+    yield
+    jax.clear_caches()
+
+
 def pytest_unconfigure(config):
     if _OWN_JIT_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
