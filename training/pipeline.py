@@ -46,7 +46,6 @@ from training.handoff import ring
 from training.layerskip import early_exit_loss
 from training.step import cast_params, make_varying, token_cross_entropy, typed_zero
 
-SCHEDULES = ("gpipe", "circular")
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -57,10 +56,6 @@ class PipelineSpec:
     stages: int
     microbatches: int
     repeats: int = 1
-
-    @property
-    def schedule(self) -> str:
-        return "gpipe" if self.repeats == 1 else "circular"
 
     @property
     def iterations(self) -> int:
