@@ -233,7 +233,7 @@ def test_store_limit_error_names_the_key_and_keeps_the_contents():
     with pytest.raises(ConfigError) as err:
         store.scatter([1, 9], a[:2])
     message = str(err.value)
-    assert "compression.activations.max_buffer_bytes" in message
+    assert "pipeline.acsgd_buffer_mb" in message
     assert str(3 * row) in message and str(4 * row) in message and "raise" in message
     assert len(store) == 3 and 9 not in store
     np.testing.assert_array_equal(store.gather([1])[0][0], a[1])
@@ -273,7 +273,7 @@ def test_store_save_load(tmp_path: Path):
     np.testing.assert_array_equal(v1, v2)
     np.testing.assert_array_equal(s1, s2)
     assert s2.tolist() == [True] * (len(a) + 1) + [False]
-    with pytest.raises(ConfigError, match="max_buffer_bytes"):
+    with pytest.raises(ConfigError, match="pipeline.acsgd_buffer_mb"):
         acsgd.ActivationStore((T, D), max_buffer_bytes=T * D * 2 * 3).load(path)
     with pytest.raises(ConfigError, match="holds"):
         acsgd.ActivationStore((T, D), max_buffer_bytes=10 ** 6, dtype=np.float32).load(path)

@@ -23,11 +23,31 @@ COMMON = {"model.num_hidden_layers": 4, "run.steps": 4, "schedule.total_steps": 
           "run.eval_every": 0, "run.eval_batches": 1, "checkpoint.every": 2}
 
 
-def _cluster_train(run_dir, corpus, cache, processes, devices, **extra) -> str:
+# The CLI, each process counting the train blocks it reads into ROWS_FILE.p{process} at exit.
+COUNTING_WORKER = """
+import atexit, os, sys
+from training import data
+original, rows = data.DataSet.train_blocks, []
+def counting(self, ids):
+    rows.append(len(ids))
+    return original(self, ids)
+data.DataSet.train_blocks = counting
+path = os.environ["ROWS_FILE"] + ".p" + os.environ["JAX_PROCESS_ID"]
+atexit.register(lambda: open(path, "w").write(str(sum(rows))))
+from training.cli import run_as_script
+sys.argv = ["train", *sys.argv[1:]]
+run_as_script()
+"""
+
+
+def _cluster_train(run_dir, corpus, cache, processes, devices, rows_file=None, **extra) -> str:
     keys = {"run.out_dir": run_dir, "data.source": corpus, "data.cache_dir": cache, "run.progress": "false",
             "run.sample_tokens": 0, "data.heldout_percent": 10.0, **COMMON, **extra}
-    command = [sys.executable, "-m", "training.train", "--preset", "tiny", *(f"{k}={v}" for k, v in keys.items())]
+    program = ["-c", COUNTING_WORKER] if rows_file else ["-m", "training.train"]
+    command = [sys.executable, *program, "--preset", "tiny", *(f"{k}={v}" for k, v in keys.items())]
     env = dict(os.environ, JAX_DISTRIBUTED_TIMEOUT="60")
+    if rows_file:
+        env.update(ROWS_FILE=str(rows_file), PYTHONPATH=os.getcwd())
     env.pop("XLA_FLAGS", None)  # the launcher sets each process's device count
     log = io.StringIO()
     code = launch(command, processes=processes, devices_per_process=devices, timeout=300, env=env, output=log)
@@ -43,26 +63,31 @@ def _losses(run_dir):
                          ids=["data-fsdp", "stage"])
 def test_two_processes_train_as_one(corpus, cache, tmp_path, mesh):
     reference = train(tiny_train_config(tmp_path / "one", corpus, cache, **COMMON, **mesh))
-    out = _cluster_train(tmp_path / "two", corpus, cache, processes=2, devices=4, **mesh)
+    out = _cluster_train(tmp_path / "two", corpus, cache, processes=2, devices=4, rows_file=tmp_path / "rows", **mesh)
     np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-4)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["heldout"]["loss"] == pytest.approx(reference["heldout"]["loss"], rel=1e-4)
     assert "[p0]" in out and "[p1]" in out
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert len(metrics_records(tmp_path / "two")) == 4  # process 0 alone writes the metrics
+    # each process reads only the rows of its devices: half of every batch when the batch is split
+    # over both processes, all of it when they hold different pipeline stages of the same rows
+    rows = [int((tmp_path / f"rows.p{p}").read_text()) for p in (0, 1)]
+    total = COMMON["run.steps"] * COMMON["run.batch_size"]
+    assert rows == ([total, total] if mesh.get("mesh.stage") else [total // 2, total // 2])
 
 
 # The CLI, with process 1 killed (SIGKILL, no chance to save) when it asks for its KILL_AT-th batch.
 KILLED_WORKER = """
 import os, signal, sys
 from training import data
-original, calls = data.DataSet.train_batch, []
+original, calls = data.DataSet.train_ids, []
 def dying(self, *args, **kwargs):
     calls.append(1)
     if os.environ["JAX_PROCESS_ID"] == "1" and len(calls) == int(os.environ["KILL_AT"]):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, *args, **kwargs)
-data.DataSet.train_batch = dying
+data.DataSet.train_ids = dying
 from training.cli import run_as_script
 sys.argv = ["train", *sys.argv[1:]]
 run_as_script()

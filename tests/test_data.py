@@ -141,6 +141,32 @@ def test_resume_position_continues_the_same_batches():
         np.testing.assert_array_equal(b, full[i])
 
 
+@pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 4}, {"data": 1, "stage": 2}])
+def test_a_global_batch_from_ids_equals_the_whole_batch_placed(mesh_shape):
+    import jax
+    from training import parallel
+    from training.config import MeshSection
+
+    ds, reads = _dataset(), []
+    ids, _ = ds.train_ids(DataPosition(0, 3), 16)
+    assert ids.dtype == np.int64 and len(set(ids.tolist())) == 16
+    np.testing.assert_array_equal(ds.train_blocks(ids), ds.train_batch(DataPosition(0, 3), 16)[0])
+    mesh = parallel.make_mesh(MeshSection(**mesh_shape))
+    sharding = parallel.batch_sharding(mesh)
+
+    def read(rows):
+        reads.append(np.asarray(rows).copy())
+        return ds.train_blocks(rows)
+
+    batch = parallel.global_train_batch(ids, 2, ds.seq_len, read, sharding)
+    expected = split_batch(ds.train_blocks(ids), 2)
+    for key in ("inputs", "targets"):
+        assert batch[key].sharding == sharding
+        np.testing.assert_array_equal(jax.device_get(batch[key]), expected[key])
+    # every row read exactly once, however many devices (and inputs and targets) use it
+    assert sorted(np.concatenate(reads).tolist()) == sorted(ids.tolist())
+
+
 def test_heldout_batches_pad_with_zero_weight():
     ds = _dataset(seq_len=8)  # held-out: 100 tokens -> 12 blocks
     batches = list(ds.heldout_batches(5))

@@ -38,11 +38,11 @@ WORKER = textwrap.dedent("""
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")  # as in tests/conftest.py
     from training import data
-    original, pause = data.DataSet.train_batch, float(os.environ.get("STEP_SLEEP", "0"))
+    original, pause = data.DataSet.train_ids, float(os.environ.get("STEP_SLEEP", "0"))
     def slow(self, *args, **kwargs):
         time.sleep(pause)
         return original(self, *args, **kwargs)
-    data.DataSet.train_batch = slow
+    data.DataSet.train_ids = slow
     from training.cli import run_as_script
     sys.argv = ["train", "--preset", "tiny", *sys.argv[1:]]
     run_as_script()

@@ -74,11 +74,11 @@ RUN_SLOWLY = textwrap.dedent("""
     import jax
     jax.config.update("jax_default_matmul_precision", "highest")  # as in tests/conftest.py
     from training import data
-    original = data.DataSet.train_batch
+    original = data.DataSet.train_ids
     def slow(self, *args, **kwargs):  # give the test time to kill the run mid-way
         time.sleep(0.25)
         return original(self, *args, **kwargs)
-    data.DataSet.train_batch = slow
+    data.DataSet.train_ids = slow
     from training.train import main
     sys.exit(main(["--preset", "tiny", *sys.argv[1:]]))
 """)

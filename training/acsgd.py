@@ -47,7 +47,7 @@ from training.config import ConfigError
 BITS = (2, 4, 8)
 SCALE_DTYPE = jnp.float32  # scales travel as float32: see the module docstring
 _SCALE_DROP_BITS = 8  # float32 mantissa bits cleared from a scale: 15 + 1 remain, code * step is exact
-BUFFER_LIMIT_KEY = "compression.activations.max_buffer_bytes"
+BUFFER_LIMIT_KEY = "pipeline.acsgd_buffer_mb"
 
 Perm = Sequence[tuple[int, int]]
 
@@ -228,7 +228,7 @@ class ActivationStore:
     AC-SGD keeps, per example and per stage boundary, the last reconstructed activation on both the
     sender and the receiver (two stores, or one per side). Rows are allocated as new ids arrive
     (capacity doubling, never past the limit); `max_buffer_bytes` caps the stored values
-    (ids x prod(value_shape) x itemsize) and is the config key `compression.activations.max_buffer_bytes`.
+    (ids x prod(value_shape) x itemsize); in `training.train` it comes from `pipeline.acsgd_buffer_mb`.
     """
 
     def __init__(self, value_shape: Sequence[int], *, max_buffer_bytes: int, dtype: np.dtype = np.float16):
@@ -239,7 +239,7 @@ class ActivationStore:
         if any(d < 0 for d in self.value_shape):
             raise ConfigError(f"ActivationStore value_shape must be non-negative, got {self.value_shape}")
         if not isinstance(max_buffer_bytes, (int, np.integer)) or max_buffer_bytes <= 0:
-            raise ConfigError(f"{BUFFER_LIMIT_KEY} must be a positive number of bytes, "
+            raise ConfigError(f"max_buffer_bytes ({BUFFER_LIMIT_KEY}) must be a positive number of bytes, "
                               f"got {max_buffer_bytes!r}")
         self.max_buffer_bytes = int(max_buffer_bytes)
         self.row_bytes = math.prod(self.value_shape) * self.dtype.itemsize
@@ -269,9 +269,9 @@ class ActivationStore:
         if needed > self.max_buffer_bytes:
             raise ConfigError(
                 f"AC-SGD activation buffer full: {count} examples x {self.row_bytes} bytes "
-                f"({self.value_shape} {self.dtype.name}) need {needed} bytes, over the limit "
-                f"{BUFFER_LIMIT_KEY}={self.max_buffer_bytes}; raise {BUFFER_LIMIT_KEY} to at least "
-                f"{needed} (it must cover every distinct example of the training set) or use fewer examples")
+                f"({self.value_shape} {self.dtype.name}) need {needed} bytes, over this buffer's limit of "
+                f"{self.max_buffer_bytes} bytes (set by {BUFFER_LIMIT_KEY}); raise {BUFFER_LIMIT_KEY} so "
+                f"that it covers every distinct example of the training set, or use fewer examples")
 
     def _reserve(self, count: int) -> None:
         """Make room for `count` rows in all (capacity doubling, capped at the limit)."""

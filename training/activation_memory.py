@@ -35,6 +35,7 @@ class PipelineMemory:
     def __init__(self, spec: PipelineSpec, mesh: Mesh, seq_len: int, hidden: int, max_buffer_bytes: int,
                  dtype: Any = np.float16):
         self.spec, self.mesh, self.seq_len, self.hidden = spec, mesh, seq_len, hidden
+        self.max_buffer_bytes = max_buffer_bytes
         shape = (spec.repeats, seq_len, hidden)
         self.stores = tuple(ActivationStore(shape, max_buffer_bytes=max_buffer_bytes // 2, dtype=dtype)
                             for _ in range(2))

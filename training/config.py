@@ -209,10 +209,19 @@ class PipelineSection:
 
     schedule: str = "gpipe"  # gpipe | circular (interleaved chunks: a bubble `repeats` times smaller)
     repeats: int = 2  # circular: layer chunks per stage
+    acsgd: bool = False  # AC-SGD between stages: each example's quantized activation change (training/acsgd_train.py)
+    acsgd_forward_bits: int = 4  # 2 | 4 | 8: activation changes sent forward
+    acsgd_backward_bits: int = 8  # 2 | 4 | 8, or 0 = gradients sent back uncompressed
+    acsgd_buffer_mb: int = 4096  # host memory (MiB) per process for the per-example activation buffers
 
     def __post_init__(self) -> None:
         if self.schedule not in PIPELINE_SCHEDULES:
             raise ConfigError(f"pipeline.schedule must be one of {PIPELINE_SCHEDULES}, got '{self.schedule}'")
+        if self.acsgd_forward_bits not in (2, 4, 8):
+            raise ConfigError(f"pipeline.acsgd_forward_bits must be 2, 4 or 8, got {self.acsgd_forward_bits}")
+        if self.acsgd_backward_bits not in (0, 2, 4, 8):
+            raise ConfigError(f"pipeline.acsgd_backward_bits must be 0 (uncompressed), 2, 4 or 8, got "
+                              f"{self.acsgd_backward_bits}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

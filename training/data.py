@@ -176,8 +176,11 @@ class DataSet:
             self._perm, self._perm_epoch = rng.permutation(self.train.num_blocks), epoch
         return self._perm
 
-    def train_batch(self, position: DataPosition, batch_size: int) -> tuple[np.ndarray, DataPosition]:
-        """The next `batch_size` blocks [B, T+1] and the position after them (epochs roll over)."""
+    def train_ids(self, position: DataPosition, batch_size: int) -> tuple[np.ndarray, DataPosition]:
+        """The block ids [B] of the next batch and the position after them (epochs roll over).
+
+        A block's id is its index in the train split: stable across epochs and resumes, so it names
+        one training example (AC-SGD keys its per-example memory by it)."""
         epoch, index, out = position.epoch, position.index, []
         while len(out) < batch_size:
             if index >= self.train.num_blocks:
@@ -185,7 +188,16 @@ class DataSet:
             take = min(batch_size - len(out), self.train.num_blocks - index)
             out.extend(self.permutation(epoch)[index:index + take])
             index += take
-        return self.train.blocks(np.asarray(out)), DataPosition(epoch, index)
+        return np.asarray(out, np.int64), DataPosition(epoch, index)
+
+    def train_blocks(self, ids: np.ndarray) -> np.ndarray:
+        """ids [N] -> their blocks [N, T+1]: what one process reads for its share of a batch."""
+        return self.train.blocks(ids)
+
+    def train_batch(self, position: DataPosition, batch_size: int) -> tuple[np.ndarray, DataPosition]:
+        """The next `batch_size` blocks [B, T+1] and the position after them (the whole batch)."""
+        ids, position = self.train_ids(position, batch_size)
+        return self.train_blocks(ids), position
 
     def heldout_batches(self, batch_size: int, max_batches: int = 0
                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -7,17 +7,20 @@ finishes the step it is in, writes the metrics, saves a checkpoint (when `checkp
 checkpoints off nothing is saved and the message says so) and raises `Interrupted`. The CLI prints how
 to resume and exits with 128 + the signal number: **130** for SIGINT, **143** for SIGTERM (the shell
 convention). A second signal while the first is being handled raises `KeyboardInterrupt` at once
-(exit 130, without a checkpoint). Outside the loop (loading data, compiling, the final evaluation)
+(exit 130, without a checkpoint); should it land inside a callback that swallows exceptions (JAX's
+garbage-collection callback), it is raised again in the main thread. Outside the loop (loading data, compiling, the final evaluation)
 SIGINT raises `KeyboardInterrupt` as usual and SIGTERM terminates as usual: no training step is lost
 that was not already lost since the last checkpoint.
 """
 
 from __future__ import annotations
 
+import _thread
 import signal
 import sys
 import threading
 from types import FrameType
+from typing import Any
 
 import numpy as np
 
@@ -68,13 +71,24 @@ class StopSignals:
         flags = multihost_utils.process_allgather(np.int32(self.requested or 0))
         return int(np.max(flags)) or None
 
+    def _unraisable(self, info: Any) -> None:
+        """A second signal's KeyboardInterrupt raised inside a callback whose exceptions Python only
+        reports (a gc callback): raise it again in the main thread, outside that callback."""
+        if issubclass(info.exc_type, KeyboardInterrupt) and self.requested is not None:
+            threading.Timer(0.05, _thread.interrupt_main).start()  # after the callback has returned
+            return
+        self._previous_hook(info)
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNAL_NAMES:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
 
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._previous:
+            sys.unraisablehook = self._previous_hook
         self._previous.clear()

@@ -134,3 +134,23 @@ def jit_eval_step(eval_step: Callable, mesh: Mesh, param_sh: Any) -> Callable:
 def put(tree: Any, shardings: Any) -> Any:
     """Place host arrays (or re-place device arrays) with the given shardings."""
     return jax.device_put(tree, shardings)
+
+
+def global_train_batch(ids: np.ndarray, grad_accum: int, seq_len: int, read: Callable[[np.ndarray], np.ndarray],
+                       sharding: NamedSharding) -> dict[str, jax.Array]:
+    """The global batch {inputs, targets} [A, B/A, T] of block ids [B], of which this process reads
+    only its own rows (`read(ids) -> blocks [n, T+1]`, once per distinct row range of its devices)
+    and assembles them with `jax.make_array_from_callback`. Equal to `put(split_batch(read(ids)))`."""
+    grid = np.asarray(ids).reshape(grad_accum, -1)  # [A, b]: the rows `split_batch` makes
+    read_rows: dict[tuple, np.ndarray] = {}
+
+    def rows(index: tuple) -> np.ndarray:  # this device's [a, b_local, T+1]
+        key = (index[0].indices(grid.shape[0]), index[1].indices(grid.shape[1]))
+        if key not in read_rows:
+            chosen = grid[index[0], index[1]]
+            read_rows[key] = read(chosen.ravel()).reshape(*chosen.shape, -1)
+        return read_rows[key]
+
+    shape = (*grid.shape, seq_len)
+    return {"inputs": jax.make_array_from_callback(shape, sharding, lambda i: rows(i)[..., :-1][..., i[2]]),
+            "targets": jax.make_array_from_callback(shape, sharding, lambda i: rows(i)[..., 1:][..., i[2]])}

@@ -97,9 +97,11 @@ def spec_for(cfg: Any) -> PipelineSpec:
     return PipelineSpec(cfg.mesh.stage, cfg.optimizer.grad_accum, repeats)
 
 
-def build_steps(cfg: Any, model_config: LlamaConfig, mesh: Mesh, total_steps: int) -> Any:
-    """`training.step.StepFns` for a pipelined run: the pipelined train step on stage-layout state,
-    and the usual eval step on the params converted back to the model's layout."""
+def build_steps(cfg: Any, model_config: LlamaConfig, mesh: Mesh, total_steps: int,
+                handoff: Callable | None = None) -> Any:
+    """`training.step.StepFns` for a pipelined run: the pipelined train step on stage-layout state
+    (plain hand-offs, or `handoff`: AC-SGD's, whose step takes and returns its memory), and the
+    usual eval step on the params converted back to the model's layout."""
     from jaxmodels.model import init_params
     from training.step import StepFns, learning_rate_schedule, make_eval_step, make_optimizer
 
@@ -110,6 +112,6 @@ def build_steps(cfg: Any, model_config: LlamaConfig, mesh: Mesh, total_steps: in
     schedule = learning_rate_schedule(cfg.optimizer, cfg.schedule, total_steps)
     like = jax.eval_shape(lambda: to_stage_layout(init_params(model_config, jax.random.key(0)), spec))
     train = make_pipeline_train_step(setup, mesh, spec, optimizer, schedule, like, total_steps, cfg.layerskip,
-                                     fsdp_axes(like, mesh.shape["fsdp"]))
+                                     fsdp_axes(like, mesh.shape["fsdp"]), handoff)
     plain_eval = make_eval_step(model_config, setup.compute_dtype)
     return StepFns(train, lambda p, b: plain_eval(from_stage_layout(p), b), optimizer)

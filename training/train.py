@@ -45,7 +45,7 @@ from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.tokenizer import Tokenizer
 from jaxmodels.model import Params, check_param_shapes, init_params
 from jaxmodels.weights import matmul_param_count
-from training import layerskip, lowrank, parallel, pipeline_step
+from training import acsgd_train, layerskip, lowrank, parallel, pipeline_step
 from training.checkpoint import Checkpointer
 from training.config import ConfigError, TrainConfig, dump_yaml, load_config
 from training.resume import resume_config, schedule_steps, training_differences
@@ -270,9 +270,12 @@ def _compile(cfg: TrainConfig, model_config: LlamaConfig, data: DataSet, setup: 
     with phase("compiling the train step"):
         example = parallel.put(split_batch(np.zeros((run.batch_size, run.seq_len + 1), np.int32),
                                            opt.grad_accum), bsh)
-        train_step = parallel.jit_train_step(setup["fns"].train_step, mesh, setup["param_sh"], setup["opt_sh"]
-                                             ).lower(state["params"], state["opt_state"], example, state["rng"],
-                                                     jnp.int32(0)).compile()
+        if cfg.pipeline.acsgd:  # two programs (exact first passes, compressed) and the host memory
+            train_step = acsgd_train.build(cfg, setup, example, data.train.num_blocks, log.echo)
+        else:
+            train_step = parallel.jit_train_step(setup["fns"].train_step, mesh, setup["param_sh"], setup["opt_sh"]
+                                                 ).lower(state["params"], state["opt_state"], example, state["rng"],
+                                                         jnp.int32(0)).compile()
     eval_step = parallel.jit_eval_step(setup["fns"].eval_step, mesh, setup["param_sh"])
     eval_sh = parallel.eval_batch_shardings(mesh)
     eval_fn = lambda p, n, desc=None: evaluate(eval_step, p, data, micro, n, eval_sh, desc)  # noqa: E731
@@ -345,11 +348,12 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
                 train_step, eval_fn = _switch(cfg, data, state, step, variants, setup, log)
                 setup["eval_fn"] = eval_fn
             for _ in range(skips.get(step + 1, 0)):  # batches that made this step diverge before
-                _, position = data.train_batch(position, run.batch_size)
-            blocks, position = data.train_batch(position, run.batch_size)
-            batch = parallel.put(split_batch(blocks, opt.grad_accum), bsh)
+                _, position = data.train_ids(position, run.batch_size)
+            ids, position = data.train_ids(position, run.batch_size)  # this process reads only its rows:
+            batch = parallel.global_train_batch(ids, opt.grad_accum, run.seq_len, data.train_blocks, bsh)
             state["params"], state["opt_state"], metrics = train_step(
-                state["params"], state["opt_state"], batch, state["rng"], jnp.int32(step))
+                state["params"], state["opt_state"], batch, state["rng"], jnp.int32(step),
+                **({"ids": ids} if cfg.pipeline.acsgd else {}))
             done, stopping = step + 1, stop.agreed()
             pending.append((done, metrics))
             save_now = ckpt is not None and (done % cfg.checkpoint.every == 0 or done == run.steps or stopping)
@@ -364,6 +368,8 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
                     retries -= 1
                     pending.clear()
                     step, state, position = _rollback(ckpt, state, err, log, progress)
+                    if cfg.pipeline.acsgd:
+                        train_step.restore(Path(run.out_dir), step, log.echo)
                     setup["lowrank_history"][:] = [h for h in setup["lowrank_history"] if h["step"] < step]
                     skips[err.step] = skips.get(err.step, 0) + 1
                     continue
@@ -374,6 +380,8 @@ def _loop(cfg: TrainConfig, data: DataSet, train_step, eval_fn, setup: dict[str,
             if save_now:
                 ckpt.save(done, state, {"data_position": position.to_dict(),
                                         "lowrank_history": list(setup["lowrank_history"])})
+                if cfg.pipeline.acsgd:
+                    train_step.save(Path(run.out_dir), done, cfg.checkpoint.keep)
                 last_saved = done
             if stopping:  # _train closes the checkpointer, which waits for this save
                 progress.close()

@@ -48,7 +48,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lowrank.track_every": (1, INT_MAX, True, True), "lowrank.window": (1, INT_MAX, True, True),
     "lowrank.threshold": (0, None, False, True), "lowrank.power_iters": (1, 1000, True, True),
     "lowrank.frobenius_decay": (0, None, True, True), "layerskip.exit_distill": (0, 1, True, True),
-    "pipeline.repeats": (2, INT_MAX, True, True),
+    "pipeline.repeats": (2, INT_MAX, True, True), "pipeline.acsgd_buffer_mb": (1, INT_MAX, True, True),
+    "pipeline.acsgd_forward_bits": (2, 8, True, True), "pipeline.acsgd_backward_bits": (0, 8, True, True),
 }
 PATH_KEYS = ("run.out_dir", "data.source", "data.tokenizer", "data.cache_dir", "init_from")
 MODEL_SHAPE_KEYS = ("model.hidden_size", "model.intermediate_size", "model.num_hidden_layers",
@@ -140,6 +141,9 @@ def validate(cfg: TrainConfig) -> None:
 def check_pipeline(cfg: TrainConfig) -> None:
     """Pipeline stages that cannot split this model or batch, or features that do not combine with them."""
     if cfg.mesh.stage == 1:
+        if cfg.pipeline.acsgd:
+            raise ConfigError("pipeline.acsgd compresses the activations sent between pipeline stages, and "
+                              "mesh.stage=1 has none; set mesh.stage >= 2 or pipeline.acsgd=false")
         return
     from training.pipeline import PipelineSpec, check_spec
 
@@ -180,6 +184,8 @@ def ineffective_keys(cfg: TrainConfig, given: list[str], resume: bool = False) -
         (("run.decode_report",), not cfg.layerskip.enabled, "LayerSkip is off"),
         (("pipeline.schedule", "pipeline.repeats"), cfg.mesh.stage == 1, "mesh.stage is 1 (no pipeline)"),
         (("pipeline.repeats",), cfg.pipeline.schedule != "circular", "pipeline.schedule is not 'circular'"),
+        (("pipeline.acsgd_forward_bits", "pipeline.acsgd_backward_bits", "pipeline.acsgd_buffer_mb"),
+         not cfg.pipeline.acsgd, "pipeline.acsgd is false"),
     ]
     out = [f"{key}: {why}" for keys, active, why in reasons if active for key in keys if key in given]
     if resume and not cfg.checkpoint.enabled:
