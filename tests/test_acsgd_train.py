@@ -1,10 +1,7 @@
 """`python -m training.train mesh.stage=2 pipeline.acsgd=true`: AC-SGD inside the training loop.
 
-A corpus of a few hundred tokens makes an epoch 3 steps long, so a 6-step run has its first epoch
+A corpus of a few hundred tokens (`few_blocks_corpus`) makes an epoch 3 steps long, so a 6-step run has its first epoch
 on the exact program (every example's first pass) and its second on the compressed one."""
-
-import sysconfig
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -13,7 +10,7 @@ import pytest
 from training import acsgd_train, parallel
 from training.config import ConfigError, MeshSection
 from training.data import prepare_data
-from training.testing import metrics_records, tiny_train_config
+from training.testing import few_blocks_corpus, metrics_records, tiny_train_config
 from training.train import train
 from training.validation import ineffective_keys, validate
 
@@ -26,12 +23,7 @@ COMMON = {"model.num_hidden_layers": 4, "run.steps": STEPS, "schedule.total_step
 
 @pytest.fixture(scope="module")
 def few_blocks(tmp_path_factory):
-    """Four short stdlib files: about 20 train blocks of 33 tokens (3 batches of 8)."""
-    folder = tmp_path_factory.mktemp("few")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("this.py", "keyword.py", "colorsys.py", "bisect.py"):
-        (folder / name).write_text((stdlib / name).read_text()[:650])
-    return folder
+    return few_blocks_corpus(tmp_path_factory.mktemp("few"))
 
 
 def _losses(run_dir):

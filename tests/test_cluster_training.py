@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from training.cluster import launch
-from training.testing import metrics_records, tiny_train_config
+from training.testing import few_blocks_corpus, metrics_records, tiny_train_config
 from training.train import train
 
 pytestmark = pytest.mark.slow
@@ -75,6 +75,28 @@ def test_two_processes_train_as_one(corpus, cache, tmp_path, mesh):
     rows = [int((tmp_path / f"rows.p{p}").read_text()) for p in (0, 1)]
     total = COMMON["run.steps"] * COMMON["run.batch_size"]
     assert rows == ([total, total] if mesh.get("mesh.stage") else [total // 2, total // 2])
+
+
+def test_acsgd_stages_on_two_processes_train_as_one(cache, tmp_path):
+    """Each process holds its stage's per-example memory; from the second epoch on the compressed
+    program runs (6 steps over an epoch of 3), with the same losses as on one process."""
+    few = few_blocks_corpus(tmp_path / "few")
+    keys = {"model.num_hidden_layers": 4, "run.steps": 6, "schedule.total_steps": 6, "optimizer.grad_accum": 2,
+            "run.eval_every": 0, "run.eval_batches": 1, "checkpoint.every": 3, "mesh.data": 4, "mesh.stage": 2,
+            "run.seq_len": 32, "data.heldout_percent": 50.0, "data.vocab_size": 300, "pipeline.acsgd": True}
+    train(tiny_train_config(tmp_path / "one", few, cache, **keys))
+    keys = {"run.out_dir": tmp_path / "two", "data.source": few, "data.cache_dir": cache, "run.progress": "false",
+            "run.sample_tokens": 0, **keys}
+    command = [sys.executable, "-m", "training.train", "--preset", "tiny", *(f"{k}={v}" for k, v in keys.items())]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    log = io.StringIO()
+    code = launch(command, processes=2, devices_per_process=4, timeout=300, output=log,
+                  env=dict(env, JAX_DISTRIBUTED_TIMEOUT="60"))
+    assert code == 0, log.getvalue()[-4000:]
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "two" / "acsgd" / "6").iterdir()) == [
+        f"activations-p{p}-{kind}.{ext}" for p in (0, 1) for kind, ext in (("recv", "npz"), ("seen", "npy"),
+                                                                           ("send", "npz"))]
 
 
 # The CLI, with process 1 killed (SIGKILL, no chance to save) when it asks for its KILL_AT-th batch.

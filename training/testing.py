@@ -29,6 +29,18 @@ def small_corpus(folder: str | Path) -> Path:
     return folder
 
 
+def few_blocks_corpus(folder: str | Path, chars: int = 650) -> Path:
+    """Four stdlib files cut to `chars` characters: with `data.heldout_percent=50`, `run.seq_len=32`
+    and `data.vocab_size=300`, about 20 train blocks, so an 8-sequence batch finishes an epoch in 3
+    steps (for tests of what happens from the second epoch on)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("this.py", "keyword.py", "colorsys.py", "bisect.py"):
+        (folder / name).write_text((stdlib / name).read_text()[:chars])
+    return folder
+
+
 def tiny_train_config(out_dir: str | Path, source: str | Path, cache_dir: str | Path,
                       **overrides: Any) -> TrainConfig:
     """The `tiny` preset on `source`, writing to `out_dir`, quiet (no bar, no sample)."""
