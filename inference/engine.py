@@ -253,7 +253,7 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     sampling = req.sampling
     runtime = (jax.random.key(req.seed), jnp.int32(req.max_new_tokens),
                jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p))
-    static = {"config": config, "sampling": sampling, "eos_ids": req.eos_ids, "out_len": out_len}
+    static = {"config": config, "sampling": sampling.program(), "eos_ids": req.eos_ids, "out_len": out_len}
     if speculative is None:
         loop, args, static = decode_loop, (params, cache, logits, *runtime, *planned), {**static, "stop": early_exit}
     else:

@@ -37,6 +37,14 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def program(self) -> "SamplingConfig":
+        """What a compiled decode program depends on: greedy or not, top-k, top-p on or off. The
+        programs take temperature and top-p as data (`select_token`), so requests that differ only
+        in their values share one program: this config keys it, with placeholder values."""
+        if self.greedy:
+            return SamplingConfig()
+        return SamplingConfig(temperature=1.0, top_k=self.top_k, top_p=0.5 if self.top_p < 1.0 else 1.0)
+
 
 def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
                   top_p: jax.Array | float, use_top_p: bool) -> jax.Array:
