@@ -148,6 +148,23 @@ def smollm2():
     return config, jax.tree.map(jnp.asarray, params), tokenizer, transformers_gguf_model(path)
 
 
+@pytest.fixture(scope="module")
+def smollm2_logits(smollm2):
+    """Our SmolLM2 logits of one prompt, always computed on a [1, WIDTH] buffer (the prompt, then
+    zeros): one compiled program for every SmolLM2 test here (compiling the 30 layers dominates
+    them). Causal attention makes the trailing padding invisible to the prompt's positions.
+    WIDTH holds every prompt and the chat prompt's 16 greedy tokens."""
+    config, params, tokenizer, _ = smollm2
+    width = max(len(_prompt_ids(tokenizer, p)) for p in PROMPTS) + 16
+    run = jax.jit(lambda p, toks: forward(p, config, toks)[0][0])
+
+    def logits(ids: list[int]) -> np.ndarray:
+        buf = np.zeros((1, width), np.int32)
+        buf[0, :len(ids)] = ids
+        return np.asarray(run(params, jnp.asarray(buf)))[:len(ids)]
+    return logits
+
+
 def transformers_gguf_model(path: Path):
     """SmolLM2 through transformers' own GGUF reader (its dequantization and Q/K un-permutation).
 
@@ -186,12 +203,13 @@ def test_smollm2_config_from_metadata(smollm2):
     assert tokenizer is not None and tokenizer.eos_token_ids == (2,)
 
 
-def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
+def test_smollm2_logits_match_transformers_gguf_loader(smollm2, smollm2_logits):
     config, params, tokenizer, ref = smollm2
     for prompt in PROMPTS:
         ids = np.asarray([_prompt_ids(tokenizer, prompt)])
         expected = hf_logits(ref, ids)
-        ours = np.asarray(forward(params, config, jnp.asarray(ids))[0])
+        ours = smollm2_logits(ids[0].tolist())[None]
+        assert ours.shape == expected.shape
         diff = np.abs(ours - expected).max()
         print(f"SmolLM2 {ids.shape[1]:3d} tokens: max |logit diff| = {diff:.2e} "
               f"(logit scale {np.abs(expected).max():.1f})")
@@ -199,18 +217,14 @@ def test_smollm2_logits_match_transformers_gguf_loader(smollm2):
         np.testing.assert_array_equal(ours.argmax(-1), expected.argmax(-1))
 
 
-def test_smollm2_greedy_continuation_matches_transformers(smollm2):
+def test_smollm2_greedy_continuation_matches_transformers(smollm2, smollm2_logits):
     config, params, tokenizer, ref = smollm2
     new = 16
     prompt = _prompt_ids(tokenizer, PROMPTS[2])
-    width = len(prompt) + new
-    # One fixed-width buffer, so one compile: causal attention makes trailing padding invisible.
-    step = jax.jit(lambda p, toks, n: jnp.argmax(forward(p, config, toks)[0][0, n - 1]))
-    buf = np.zeros((1, width), np.int32)
-    buf[0, :len(prompt)] = prompt
-    for n in range(len(prompt), width):
-        buf[0, n] = int(step(params, jnp.asarray(buf), n))
-    ours = buf[0, len(prompt):].tolist()
+    seq = list(prompt)
+    for _ in range(new):  # the program of the logits test: one fixed-width buffer
+        seq.append(int(np.argmax(smollm2_logits(seq)[-1])))
+    ours = seq[len(prompt):]
     with torch.no_grad():
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
