@@ -3,7 +3,7 @@
     python -m benchmarks.layerskip [--steps N] [--new-tokens 128] [--quick] [--no-append]
     python -m benchmarks.layerskip --model smollm2 [...]   # ours vs transformers' assistant_early_exit
 
-Training: the `default` preset (LayerSkip from scratch) and the `baseline` preset (same model, data,
+Training: the `layerskip` preset (the main job's recipe, LayerSkip from scratch) and the `baseline` preset (same model, data,
 steps and batch; no layer dropout, no early-exit loss), trained one after the other in this run.
 Quality: per-exit top-1 agreement with the last layer and held-out loss on the held-out stdlib
 modules. Decoding: 8 prompts of held-out code (64 tokens each), greedy, EOS as an ordinary token;
@@ -41,7 +41,7 @@ def train_pair(steps: int | None, out: str, reuse: bool = False) -> dict[str, di
     """Train baseline and LayerSkip with the same budget; returns {name: summary}. With `reuse`,
     finished runs in `out` (summary.json + model/) are taken if their config trains the same."""
     runs = {}
-    for name, preset in (("baseline", "baseline"), ("layerskip", "default")):
+    for name, preset in (("baseline", "baseline"), ("layerskip", "layerskip")):
         overrides = {"run.out_dir": f"{out}/{name}", "run.decode_report": False, "run.sample_tokens": 0,
                      "checkpoint.enabled": False, "run.progress": False}
         if steps:
