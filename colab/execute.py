@@ -24,9 +24,11 @@ from nbclient.exceptions import CellExecutionError
 HERE = Path(__file__).resolve().parent
 
 
-def run_notebook(path: str | Path, quick: bool = False, save: bool = True, timeout: int = 1800) -> float:
+def run_notebook(path: str | Path, quick: bool = False, save: bool = True, timeout: int = 1800
+                 ) -> tuple[float, nbformat.NotebookNode]:
     """Execute one notebook in a scratch folder; with `save`, write it back with its outputs.
-    Returns the seconds it took; raises CellExecutionError (naming the cell) when a cell fails."""
+    Returns the seconds it took and the executed notebook; raises CellExecutionError (naming the
+    cell) when a cell fails."""
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     env = {"JAXMODELS_NOTEBOOK_QUICK": "1" if quick else "0", "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
@@ -42,7 +44,7 @@ def run_notebook(path: str | Path, quick: bool = False, save: bool = True, timeo
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     if save:
         nbformat.write(nb, path)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, nb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for path in args.notebooks or sorted(HERE.glob("*.ipynb")):
         try:
-            seconds = run_notebook(path, quick=args.quick, save=not args.no_save)
+            seconds, _ = run_notebook(path, quick=args.quick, save=not args.no_save)
         except CellExecutionError as err:
             print(f"{path}: a cell failed:\n{err}", file=sys.stderr)
             return 1

@@ -34,4 +34,9 @@ def test_notebook_runs_in_short_mode(path, monkeypatch, tmp_path):
     """A failing cell raises CellExecutionError and fails this test. One CPU device, as on Colab."""
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setenv("JAXMODELS_CACHE", str(tmp_path / "cache"))
-    execute.run_notebook(path, quick=True, save=False, timeout=600)
+    _, executed = execute.run_notebook(path, quick=True, save=False, timeout=600)
+    cells = [c for c in executed.cells if c.cell_type == "code"]
+    plotting = [c for c in cells if "plt.show()" in c.source]
+    plotted = [c for c in plotting if any("image/png" in o.get("data", {}) for o in c.outputs)]
+    assert len(plotted) == len(plotting), "every plotting cell shows its plot"
+    assert cells[-1].outputs, "the last cell prints its result (the final table or text)"
