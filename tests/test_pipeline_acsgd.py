@@ -118,5 +118,5 @@ def test_host_memory_round_trip_and_limit(tmp_path):
     for got, want in zip(restored.arrays(ids), new):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     small = PipelineMemory(spec, mesh, T, CONFIG.hidden_size, max_buffer_bytes=4096)
-    with pytest.raises(ConfigError, match="compression.activations.max_buffer_bytes"):
+    with pytest.raises(ConfigError, match="pipeline.acsgd_buffer_mb"):
         small.update(ids, new)
