@@ -263,6 +263,13 @@ def test_a_second_signal_swallowed_by_a_callback_still_quits(capsys):
     assert sys.unraisablehook is hook and "Traceback" not in capsys.readouterr().err
 
 
+def test_a_signal_while_the_stop_checkpoint_is_written_quits_at_once():
+    code = ("import os, signal, time\nfrom training.interrupt import quit_at_once_on_signal\n"
+            "with quit_at_once_on_signal():\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(30)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "error: interrupted" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_ctrl_c_while_loading_data_exits_130_without_a_traceback(tmp_path, corpus, cache, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -16,11 +16,13 @@ that was not already lost since the last checkpoint.
 from __future__ import annotations
 
 import _thread
+import contextlib
+import os
 import signal
 import sys
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -39,6 +41,32 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
+
+
+EXIT_MESSAGE = "\nerror: interrupted; the run can be resumed from its last checkpoint by the same command\n"
+
+
+@contextlib.contextmanager
+def quit_at_once_on_signal() -> Iterator[None]:
+    """While a stopping run finishes its checkpoint save: a further SIGINT / SIGTERM quits at once
+    (exit 128 + signal; the unfinished save is discarded on the next start). Raising there instead
+    would land inside Orbax's wait, which logs the exception with a traceback before re-raising."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def quit_now(signum: int, frame: FrameType | None) -> None:
+        sys.stdout.flush()
+        sys.stderr.write(EXIT_MESSAGE)
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    previous = {signum: signal.signal(signum, quit_now) for signum in SIGNAL_NAMES}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 class StopSignals:

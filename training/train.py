@@ -56,7 +56,7 @@ from training.resume import schedule_steps
 from training.run_state import check_resumable, initial_state, load_init, model_config_for
 from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.evaluation import evaluate, finish, heldout_batches
-from training.interrupt import Interrupted, StopSignals
+from training.interrupt import Interrupted, StopSignals, quit_at_once_on_signal
 from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, is_primary, phase
 from training.runlock import RunLock, prepare_run_dir
 from training.step import StepFns, build_steps, next_token_loss
@@ -121,7 +121,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) 
         raise  # quit at once: an unfinished save leaves a tmp folder that the next start removes
     except BaseException:
         if ckpt is not None:
-            ckpt.close()
+            with quit_at_once_on_signal():  # a second Ctrl-C while the stop's checkpoint is written
+                ckpt.close()
         raise
     if ckpt is not None:
         ckpt.close()
