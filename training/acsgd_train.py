@@ -68,11 +68,11 @@ def buffer_bytes(mesh: Mesh, spec: PipelineSpec, examples: int, seq_len: int, hi
     return 2 * examples * stages * row
 
 
-def memory_structs(mesh: Mesh, spec: PipelineSpec, rows: int, seq_len: int, hidden: int) -> tuple:
+def memory_structs(memory: PipelineMemory, rows: int) -> tuple:
     """The (send, recv) memory arguments' shapes and shardings, for compiling ahead of time."""
-    shape = handoff.memory_shape(spec.stages, spec.repeats, spec.microbatches, rows, seq_len, hidden)
-    sharding = NamedSharding(mesh, P("stage", None, None, BATCH_AXES))
-    return tuple(jax.ShapeDtypeStruct(shape, MEMORY_DTYPE, sharding=sharding) for _ in range(2))
+    spec = memory.spec
+    shape = handoff.memory_shape(spec.stages, spec.repeats, spec.microbatches, rows, memory.seq_len, memory.hidden)
+    return tuple(jax.ShapeDtypeStruct(shape, MEMORY_DTYPE, sharding=memory.sharding) for _ in range(2))
 
 
 class AcsgdStep:
@@ -126,7 +126,8 @@ def build(cfg: TrainConfig, setup: dict[str, Any], example_batch: dict, examples
     spec, pl = pipeline_step.spec_for(cfg), cfg.pipeline
     check_rows_stay_on_their_process(mesh)
     hidden, limit = model_config.hidden_size, pl.acsgd_buffer_mb * MIB
-    needed = buffer_bytes(mesh, spec, min(examples, run.steps * run.batch_size), run.seq_len, hidden)
+    examples = min(examples, run.steps * run.batch_size)  # the most this run can show the pipeline
+    needed = buffer_bytes(mesh, spec, examples, run.seq_len, hidden)
     if needed > limit:
         raise ConfigError(f"pipeline.acsgd keeps two float16 copies of each example's activations per stage "
                           f"boundary: {examples} examples need {needed / MIB:,.0f} MiB of host memory on this "
@@ -134,7 +135,8 @@ def build(cfg: TrainConfig, setup: dict[str, Any], example_batch: dict, examples
                           f"{math.ceil(needed / MIB)} (if the host has it), or use fewer examples / a shorter "
                           f"run.seq_len")
     rep, bsh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    structs = memory_structs(mesh, spec, run.batch_size // spec.microbatches, run.seq_len, hidden)
+    memory = PipelineMemory(spec, mesh, run.seq_len, hidden, limit, MEMORY_DTYPE)
+    structs = memory_structs(memory, run.batch_size // spec.microbatches)
     mem_sh = tuple(s.sharding for s in structs)
     state, programs = setup["state"], {}
     for exact in (True, False):
@@ -146,7 +148,6 @@ def build(cfg: TrainConfig, setup: dict[str, Any], example_batch: dict, examples
                          out_shardings=(setup["param_sh"], setup["opt_sh"], rep, mem_sh))
         programs[exact] = jitted.lower(state["params"], state["opt_state"], example_batch, state["rng"],
                                        jnp.int32(0), structs).compile()
-    memory = PipelineMemory(spec, mesh, run.seq_len, hidden, limit, MEMORY_DTYPE)
     step = AcsgdStep(programs, memory, spec.microbatches)
     step.restore(Path(run.out_dir), setup["start"], note)
     return step

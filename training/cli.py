@@ -36,7 +36,7 @@ from jaxmodels.convert.hf import CheckpointError
 from training.checkpoint import CheckpointMismatchError
 from training.config import ConfigError, TrainConfig, load_config, parse_overrides, preset_names, valid_keys
 from training.corpus import DataError
-from training.interrupt import Interrupted
+from training.interrupt import EXIT_MESSAGE, Interrupted
 from training.metrics import DivergenceError
 from training.validation import get, ineffective_keys
 
@@ -219,8 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {OUT_OF_MEMORY} ({str(err).splitlines()[0][:200]})", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("\nerror: interrupted; the run can be resumed from its last checkpoint by the same command",
-              file=sys.stderr)
+        sys.stderr.write(EXIT_MESSAGE)
         return EXIT_SIGINT
 
 
