@@ -113,7 +113,7 @@ def report_decoding(params: Params, config: LlamaConfig, data: DataSet, log: Met
     """Plain vs self-speculative greedy decoding on held-out code (E and d from calibration)."""
     blocks = [b for b, _ in data.heldout_batches(8, 1)][0]
     calibration, prompts = [list(map(int, b[:64])) for b in blocks[4:]], [list(map(int, b[:64])) for b in blocks[:4]]
-    report = layerskip.decode_report(params, config, calibration, prompts)
+    report = layerskip.decode_report(params, config, calibration, prompts, note=log.echo)
     log.write({"split": "decode", **report})
     for name, r in report.items():
         note = " (calibration found plain decoding faster at this batch size)" if r["calibration_prefers_plain"] else ""

@@ -189,12 +189,13 @@ def evaluate_exits(exit_eval_step, params: Params, batches) -> dict[str, list[fl
 
 
 def decode_report(params: Params, config: LlamaConfig, calibration: list[list[int]],
-                  prompts: list[list[int]], new_tokens: int = 96) -> dict:
+                  prompts: list[list[int]], new_tokens: int = 96, note: Callable[[str], None] = print) -> dict:
     """Plain greedy vs self-speculative decoding on held-out prompts, at batch 1 (the prompts one
     after another) and at batch len(prompts): tokens/s, acceptance, whether the tokens are
     identical. E and d are chosen per batch size by calibration (the model's top 3 timed against
     plain); when plain decoding wins the calibration, the report says so and times the best
-    self-speculation setting anyway."""
+    self-speculation setting anyway. `note` receives a line as each part starts (about 45 s each
+    on 2 CPU cores for the default model)."""
     from inference import generate_batches
     from inference.calibrate import choose_exit_and_draft
     from inference.speculative import SpecConfig
@@ -202,10 +203,13 @@ def decode_report(params: Params, config: LlamaConfig, calibration: list[list[in
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     report = {}
     for size in (1, len(prompts)):
+        note(f"  batch {size}: calibrating E and d (the model's best 3 settings timed against plain decoding)")
         choice = choose_exit_and_draft(params, config, calibration, new_tokens=new_tokens, batch_size=size, trials=3)
         spec = SpecConfig(choice.exit_layer, choice.draft_len, adaptive=False)
         run = lambda **kw: generate_batches(params, config, prompts, size, new_tokens,  # noqa: E731
                                             eos_token_ids=(), **kw)
+        note(f"  batch {size}: timing plain and self-speculative decoding (E={spec.exit_layer}, d={spec.draft_len}), "
+             f"{len(prompts)} prompts x {new_tokens} tokens")
         run(), run(speculative=spec)  # compile both programs first
         plain = max((run() for _ in range(2)), key=lambda r: r.tokens_per_second)
         fast = max((run(speculative=spec) for _ in range(2)), key=lambda r: r.tokens_per_second)
