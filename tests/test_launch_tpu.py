@@ -23,9 +23,8 @@ def test_dry_run_prints_the_whole_job(capsys):
         f"{TPU} ssh r1 --worker=all '--command=mkdir -p jaxmodels && tar xzf ~/jaxmodels-src.tar.gz -C jaxmodels "
         f"&& cd jaxmodels && pip install -q -e \".[tpu]\"' {WHERE}",
         f"{TPU} ssh r1 --worker=all '--command=cd jaxmodels && JAX_DISTRIBUTED=auto python -m training.train "
-        f"--preset smollm2-135m run.steps=10 run.out_dir=runs/r1' {WHERE}",
+        f"--preset smollm2-135m run.steps=10 run.out_dir=runs/r1 run.sync_to=gs://b/runs/r1' {WHERE}",
         f"{TPU} scp --recurse 'r1:~/jaxmodels/runs/r1' runs/r1 --worker=0 {WHERE}",
-        f"{TPU} ssh r1 --worker=0 '--command=gcloud storage cp -r ~/jaxmodels/runs/r1 gs://b/runs/r1' {WHERE}",
         f"{TPU} delete r1 --quiet {WHERE}",
     ]
 

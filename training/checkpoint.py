@@ -29,7 +29,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -54,8 +54,11 @@ def _copy_off_device(state: State) -> State:
 class Checkpointer:
     """Save and restore `(state pytree, meta dict)` per step in `directory`."""
 
-    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, keep: int = 3, async_save: bool = True,
+                 on_complete: Callable[[], None] = lambda: None):
+        """`on_complete` is called whenever completed steps may have been recorded (training/mirror.py)."""
         self.directory = Path(directory).absolute()
+        self._on_complete = on_complete
         self.directory.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -77,12 +80,14 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(_copy_off_device(state)),
                                   meta=ocp.args.JsonSave(meta))
         self._record_integrity()
+        self._on_complete()
         self._manager.save(int(step), args=args, force=True)
 
     def wait(self) -> None:
         """Block until every started save is complete on disk (and its integrity record written)."""
         self._manager.wait_until_finished()
         self._record_integrity()
+        self._on_complete()
 
     def close(self) -> None:
         self.wait()

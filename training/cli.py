@@ -96,6 +96,9 @@ def check(cfg: TrainConfig) -> None:
         smollm2_gguf_path()  # CheckpointError if the package is missing
     elif cfg.init_from and not _exists(cfg.init_from):
         raise ConfigError(f"init_from '{cfg.init_from}' does not exist")
+    if cfg.run.sync_to:
+        from training.mirror import open_filesystem
+        open_filesystem(cfg.run.sync_to)  # ConfigError: no gcsfs, no credentials, unreadable
     if (run_dir / LOCK_NAME).exists():
         with RunLock(run_dir, note=lambda _: None) as lock:  # refused if a run holds it
             lock.release()

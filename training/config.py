@@ -126,6 +126,7 @@ class RunSection:
     eval_batches: int = 8  # held-out batches per evaluation, the final one too (0 = the whole held-out split)
     seed: int = 0
     out_dir: str = "runs/default"  # RUN_DIR: metrics.jsonl, checkpoints/, model/
+    sync_to: str = ""  # a copy of RUN_DIR kept at this URL (gs://..., any fsspec URL): training/mirror.py
     sample_prompt: str = "def "
     sample_tokens: int = 64  # tokens generated at the end (0 = no sample)
     sample_temperature: float = 0.8  # 0 = greedy (weak models loop under greedy decoding)

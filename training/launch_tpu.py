@@ -11,12 +11,18 @@ The `gcloud` commands, in order (`--dry-run` prints them and runs nothing):
    `pip install -e ".[tpu]"` there;
 3. start `python -m training.train` on every worker at once with `JAX_DISTRIBUTED=auto` (multi-host
    initialisation is automatic on a TPU VM); the output streams here (process 0 prints progress);
-4. fetch the run folder from worker 0 to `runs/NAME` here, and copy it to `--bucket` (gs://) when given;
+4. fetch the run folder from worker 0 to `runs/NAME` here;
 5. delete the slice: always, also after a failed step or Ctrl-C, unless `--keep`.
 
+With `--bucket gs://B/runs` the run keeps a copy of its folder at `gs://B/runs/NAME` while it trains
+(`run.sync_to`, training/mirror.py: each checkpoint and the metrics as they are written, the model at
+the end), so a preempted `--spot` slice loses at most the steps since the last checkpoint: the same
+command again starts a new slice that fetches the copy and resumes.
+
 Check the configuration first: `python -m training.aot --topology v5e-8 ...` compiles it for the
-slice on this machine and says whether it fits. Missing: checkpoints written to gs:// while the run
-goes (Orbax to GCS); today the run folder lives on worker 0 and is copied at the end.
+slice on this machine and says whether it fits. Not yet run on a real TPU slice (the commands are
+tested against a stand-in gcloud). Slices of several hosts train, but their checkpoints need one
+folder all hosts share, which a TPU VM's disks are not: not built.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     version = args.version or RUNTIME_VERSIONS[topo.name.split("-")[0]]
     out = run_dir(args.train_args, args.name)
     overrides = [o for o in args.train_args if not o.startswith("run.out_dir=")] + [f"run.out_dir={out}"]
+    if args.bucket and not any(o.startswith("run.sync_to=") for o in overrides):
+        overrides.append(f"run.sync_to={args.bucket.rstrip('/')}/{args.name}")
     train = shlex.join(["python", "-m", "training.train", *overrides])
     steps = [
         ("create the slice", _tpu(args, "create", args.name, "--accelerator-type", topo.accelerator_type,
@@ -76,10 +84,6 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         ("fetch the run folder", _tpu(args, "scp", "--recurse", f"{args.name}:~/{REMOTE_DIR}/{out}",
                                       f"runs/{args.name}", "--worker=0")),
     ]
-    if args.bucket:
-        steps.append(("copy the run folder to the bucket",
-                      _on_workers(args, f"gcloud storage cp -r ~/{REMOTE_DIR}/{out} {args.bucket}/{args.name}",
-                                  worker="0")))
     if not args.keep:
         steps.append(("delete the slice", _tpu(args, "delete", args.name, "--quiet")))
     return steps
@@ -117,7 +121,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--accelerator", required=True, help="the slice, as training.aot names it: v5e-8, v6e-8, ...")
     ap.add_argument("--project", help="the Google Cloud project (default: gcloud's)")
     ap.add_argument("--version", help="the TPU VM runtime (default: one per chip generation)")
-    ap.add_argument("--bucket", help="a gs:// folder that receives a copy of the run folder at the end")
+    ap.add_argument("--bucket", help="a gs:// folder: the run keeps a copy of its folder in BUCKET/NAME as it "
+                                     "trains, and a relaunch with the same --name resumes from it")
     ap.add_argument("--spot", action="store_true", help="a preemptible (spot) slice")
     ap.add_argument("--keep", action="store_true", help="do not delete the slice at the end")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

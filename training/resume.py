@@ -16,7 +16,7 @@ from training.config import LayerSkipSection, TrainConfig, apply_overrides, flat
 # Keys that change how a run is watched or saved, not what it trains: a resumed run may change them.
 RESUME_SAFE_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.eval_every", "run.eval_batches",
                     "run.sample_prompt", "run.sample_tokens", "run.sample_temperature", "run.sample_top_k",
-                    "run.decode_report", "run.divergence_retries", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
+                    "run.decode_report", "run.divergence_retries", "run.sync_to", "checkpoint.every", "checkpoint.keep", "checkpoint.async_save")
 
 
 def schedule_steps(cfg: TrainConfig) -> int:

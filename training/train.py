@@ -1,6 +1,6 @@
 """Train a Llama-family model: `python -m training.train [--preset NAME | --config FILE] [key=value ...]`.
 
-    python -m training.train                                   # default preset: stdlib corpus, ~10 min on 2 CPU cores
+    python -m training.train                                   # default preset: stdlib corpus, ~6 min on 2 CPU cores
     python -m training.train --preset tiny run.steps=20        # seconds
     python -m training.train init_from=PATH                    # fine-tune an imported checkpoint
     python -m training.train init_from=smollm2                 # ... e.g. SmolLM2-135M-Instruct (GGUF)
@@ -10,7 +10,8 @@
 RUN_DIR (`run.out_dir`) receives `config.yaml`, `metrics.jsonl` (one JSON record per train step and
 per evaluation), `checkpoints/` (Orbax), `model/` (the final model, Hugging Face format + tokenizer,
 loadable by `jaxmodels.convert.load.load_model` and `python -m inference.generate --model RUN_DIR`),
-`sample.txt` and `summary.json`. If RUN_DIR has checkpoints the run resumes from the newest complete
+`sample.txt` and `summary.json`; `run.sync_to=gs://...` keeps a copy of it there during the run and
+starts from that copy on a machine that has none (training/mirror.py). If RUN_DIR has checkpoints the run resumes from the newest complete
 one (`--resume` says so explicitly and fails if there is none); the metrics after that step are
 dropped from `metrics.jsonl`, so the file always describes one continuous run. Raising `run.steps`
 extends a run, also a finished one (the schedule rule: `training.resume.resume_config`).
@@ -39,7 +40,7 @@ if __name__ == "__main__":  # Ctrl-C while JAX imports (seconds): exit 130 at on
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,7 @@ from training.data import DataPosition, DataSet, prepare_data, split_batch
 from training.evaluation import evaluate, finish, heldout_batches
 from training.interrupt import Interrupted, StopSignals, quit_at_once_on_signal
 from training.metrics import DivergenceError, MetricsLog, Progress, check_finite, is_primary, phase
+from training.mirror import RunMirror
 from training.runlock import RunLock, prepare_run_dir
 from training.step import StepFns, build_steps, next_token_loss
 
@@ -70,13 +72,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, devices: list | None = None
     parallel.check_batch(parallel.make_mesh(cfg.mesh, devices), cfg.run.batch_size // cfg.optimizer.grad_accum)
     run_dir = prepare_run_dir(cfg.run.out_dir)
     with RunLock(run_dir, enabled=jax.process_index() == 0, note=MetricsLog.echo):
-        return _train(cfg, run_dir, resume, devices)
+        with RunMirror.open(cfg.run.sync_to, run_dir, MetricsLog.echo) as mirror:  # copied at the end
+            return _train(cfg, run_dir, resume, devices, mirror.push)
 
 
-def _open_checkpoints(cfg: TrainConfig, run_dir: Path, resume: bool) -> tuple[TrainConfig, Checkpointer | None]:
+def _open_checkpoints(cfg: TrainConfig, run_dir: Path, resume: bool,
+                      on_complete: Callable[[], None]) -> tuple[TrainConfig, Checkpointer | None]:
     """The Checkpointer (None when disabled) and the config to train with, checked for resuming."""
-    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                        on_complete=on_complete) if cfg.checkpoint.enabled else None
     saved_steps = ckpt.steps() if ckpt is not None else []
     if saved_steps:  # before loading data or reading any arrays, so a changed config is named key by key
         cfg = check_resumable(cfg, run_dir, saved_steps[-1])
@@ -105,10 +109,11 @@ def _model_and_data(cfg: TrainConfig, log: MetricsLog) -> tuple[LlamaConfig, Par
     return model_config, imported, data
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None) -> dict[str, Any]:
+def _train(cfg: TrainConfig, run_dir: Path, resume: bool, devices: list | None,
+           on_checkpoint: Callable[[], None]) -> dict[str, Any]:
     t_start = time.time()
     log = MetricsLog(run_dir / "metrics.jsonl")
-    cfg, ckpt = _open_checkpoints(cfg, run_dir, resume)
+    cfg, ckpt = _open_checkpoints(cfg, run_dir, resume, on_checkpoint)
     try:
         model_config, imported, data = _model_and_data(cfg, log)
         model_config, imported, switched = _lowrank_resume(cfg, run_dir, ckpt, model_config, imported, log)
