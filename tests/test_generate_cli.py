@@ -96,3 +96,18 @@ def test_given_speculation_flags_are_used_as_given(capsys, monkeypatch, tiny_dir
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["self_speculative"], err
     assert (result["exit_layer"], result["draft_len"]) == (exit_layer, draft_len)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_weights_flag_converts_after_loading_and_reports_the_bytes(capsys, tiny_dir, weights):
+    code, out, err = _run(capsys, "--model", tiny_dir, "--prompt", "hello", "--max-new-tokens", "4",
+                          "--weights", weights, "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["weights"] == weights
+    line = next(line for line in err.splitlines() if line.startswith(f"weights in {weights}:"))
+    assert "MiB ->" in line
+
+
+def test_an_unknown_weight_format_is_refused_with_the_choices(capsys, tiny_dir):
+    code, _, err = _run(capsys, "--model", tiny_dir, "--prompt", "hi", "--weights", "int4")
+    assert code == 2 and "bfloat16" in err and "int8" in err

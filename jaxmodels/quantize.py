@@ -1,0 +1,129 @@
+"""Weights for decoding in fewer bytes: bfloat16, or int8 matmul weights (weight-only).
+
+Decoding a few rows reads every weight once per generated token, so its speed is bounded by the
+weight bytes over the memory bandwidth (`benchmarks/decode.py` reports the fraction achieved).
+
+- `bfloat16`: every parameter cast to bf16. Activations and the KV cache follow the embedding's
+  dtype, so the whole model runs in bf16 (RMSNorm and softmax statistics still in float32): half
+  the bytes of float32.
+- `int8`: every matmul weight stored as int8 with one scale per output column (symmetric, absmax),
+  multiplied as `(x @ q) * scale` (`layers.dense`); the embedding table as int8 with one scale per
+  token row (`Int8Rows`), which serves both the lookup and the tied head's logit for that token.
+  Norms and activations keep their dtype: a quarter of the float32 bytes, plus the scales.
+
+Both are lossy; `tests/test_quantize.py` bounds the error and measures greedy agreement with float32.
+Float32 stays the default. `int8` refuses a factorized (`LowRank`) model; bfloat16 takes it.
+In bfloat16, self-speculation matches bf16 greedy decoding only up to rounding: the verifier's
+multi-token pass rounds differently from one-token steps, so a near-tie can flip (int8 computes in
+float32 and stays lossless).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxmodels.weights import LAYER_WEIGHTS, LowRank
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int8:
+    """int8 values `q` and float scales `scale`; shaped like q, computing in the scales' dtype."""
+
+    q: Any
+    scale: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.scale.dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Weight(_Int8):
+    """A matmul weight W [..., m, n] ~ q * scale: q int8 [..., m, n], scale [..., n] (per output column)."""
+
+    def __getitem__(self, index: Any) -> "Int8Weight":  # w[:, :K]: an untied draft head's first K columns
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) != self.q.ndim or any(i != slice(None) for i in index[:-1]):
+            raise IndexError(f"an Int8Weight is sliced along its output axis only (w[:, :K]), got {index}")
+        return Int8Weight(q=self.q[index], scale=self.scale[index[-1]])
+
+    def dequantize(self) -> jax.Array:
+        return self.q.astype(self.scale.dtype) * self.scale[..., None, :]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Int8Rows(_Int8):
+    """An embedding table E [V, d] ~ q * scale[:, None]: q int8 [V, d], scale [V] (one per token)."""
+
+    def __getitem__(self, rows: Any) -> "Int8Rows":  # the first K rows: a draft head (draft_vocab)
+        return Int8Rows(q=self.q[rows], scale=self.scale[rows])
+
+    def dequantize(self) -> jax.Array:
+        return self.q.astype(self.scale.dtype) * self.scale[:, None]
+
+
+def quantize_rows(e: jax.Array) -> Int8Rows:
+    """Symmetric per-row int8 of an embedding table [V, d]."""
+    t = quantize_int8(jnp.asarray(e).T)  # rows of E are the columns of E^T
+    return Int8Rows(q=t.q.T, scale=t.scale)
+
+
+def quantize_int8(w: jax.Array) -> Int8Weight:
+    """Symmetric per-output-column int8: scale = max |w| over the input axis / 127 (0 columns stay 0)."""
+    w = jnp.asarray(w)
+    absmax = jnp.max(jnp.abs(w.astype(jnp.float32)), axis=-2)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w.astype(jnp.float32) / scale[..., None, :]), -127, 127).astype(jnp.int8)
+    return Int8Weight(q=q, scale=scale.astype(w.dtype))
+
+
+def _layer_matmuls() -> set[str]:
+    return {spec.name for spec in LAYER_WEIGHTS if spec.matmul}
+
+
+def _quantize_layer(layer: dict[str, Any]) -> dict[str, Any]:
+    names = _layer_matmuls()
+    if any(isinstance(v, LowRank) for v in layer.values()):
+        raise ValueError("int8 weights of a factorized (low-rank) model are not supported; use bfloat16, "
+                         "or merge u @ v first")
+    return {k: quantize_int8(v) if k in names and not isinstance(v, Int8Weight) else v for k, v in layer.items()}
+
+
+def convert_weights(params: dict[str, Any], weights: str) -> dict[str, Any]:
+    """The parameters in `weights` format ('float32' | 'bfloat16' | 'int8'), any layer layout;
+    convert once after loading and pass the result to `generate`. ValueError for another name or
+    an unsupported model. 'float32' returns the parameters unchanged."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got '{weights}'")
+    if weights == "float32":
+        return params
+    if weights == "bfloat16":
+        return jax.tree_util.tree_map(
+            lambda x: jnp.asarray(x).astype(jnp.bfloat16) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+            params)
+    layers = params["layers"]
+    if isinstance(layers, dict):
+        layers = _quantize_layer(layers)
+    else:
+        layers = tuple(_quantize_layer(seg) for seg in layers)
+    out = {**params, "layers": layers, "embed": quantize_rows(params["embed"])}
+    if "lm_head" in params:
+        out["lm_head"] = quantize_int8(params["lm_head"])
+    return out
+
+
+def weight_bytes(params: dict[str, Any]) -> int:
+    """Bytes of every parameter array (what one decode step reads, the KV cache aside)."""
+    return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params))
