@@ -36,6 +36,7 @@ from inference.engine import GenerationResult, generate
 from inference.speculative import SpecConfig
 from inference.validate import (InferenceError, check_early_exit, check_max_new_tokens, check_sampling,
                                 check_seed, check_spec)
+from jaxmodels.quantize import WEIGHT_FORMATS
 
 __all__ = ["main"]
 
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="draft over token ids [0, K) only: a cheaper draft head, same output")
     p.add_argument("--early-exit", type=int, metavar="E",
                    help="lossy: decode with layers [0, E) and the shared exit only")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
                    help="weight format for decoding: bfloat16 (half the bytes) or int8 weight-only (a quarter); "
                         "both lossy, float32 is exact (jaxmodels/quantize.py)")
     p.add_argument("--chai", metavar="FILE",

@@ -110,9 +110,8 @@ def convert_weights(params: dict[str, Any], weights: str) -> dict[str, Any]:
     if weights == "float32":
         return params
     if weights == "bfloat16":
-        return jax.tree_util.tree_map(
-            lambda x: jnp.asarray(x).astype(jnp.bfloat16) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
-            params)
+        return jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                      jax.tree_util.tree_map(jnp.asarray, params))
     layers = params["layers"]
     if isinstance(layers, dict):
         layers = _quantize_layer(layers)
