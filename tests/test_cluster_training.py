@@ -99,14 +99,19 @@ def test_acsgd_stages_on_two_processes_train_as_one(cache, tmp_path):
                                                                            ("send", "npz"))]
 
 
-# The CLI, with process 1 killed (SIGKILL, no chance to save) when it asks for its KILL_AT-th batch.
+# The CLI, with process 1 killed (SIGKILL, no chance to save) when it asks for its KILL_AT-th batch,
+# once the checkpoint folder AWAIT exists: checkpoints are written in the background, and one still
+# in flight when a process dies is (rightly) lost, so the test waits for it to have a fixed resume point.
 KILLED_WORKER = """
-import os, signal, sys
+import os, signal, sys, time
 from training import data
 original, calls = data.DataSet.train_ids, []
 def dying(self, *args, **kwargs):
     calls.append(1)
     if os.environ["JAX_PROCESS_ID"] == "1" and len(calls) == int(os.environ["KILL_AT"]):
+        deadline = time.monotonic() + 120
+        while not os.path.isdir(os.environ["AWAIT"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, *args, **kwargs)
 data.DataSet.train_ids = dying
@@ -125,7 +130,8 @@ def test_a_killed_process_ends_the_cluster_and_the_run_resumes(corpus, cache, tm
     log = io.StringIO()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     code = launch(command, processes=2, devices_per_process=1, timeout=300, output=log,
-                  env=dict(env, KILL_AT="4", JAX_DISTRIBUTED_TIMEOUT="60", PYTHONPATH=os.getcwd()))
+                  env=dict(env, KILL_AT="4", AWAIT=str(tmp_path / "run" / "checkpoints" / "2"),
+                           JAX_DISTRIBUTED_TIMEOUT="60", PYTHONPATH=os.getcwd()))
     assert code == 128 + 9 and "process 1" in log.getvalue(), log.getvalue()[-3000:]
     assert "2" in [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()]
     out = _cluster_train(tmp_path / "run", corpus, cache, 2, 1, **steps)  # resumes from step 2
