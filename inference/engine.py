@@ -24,7 +24,8 @@ from inference.validate import (check_attention_plan, check_batch_size, check_co
 from jaxmodels.attention_plan import LayerPlans, k_slots, take_plan_rows
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from jaxmodels.params import decode_layout
 
 MIN_PROMPT_BUCKET = 16
 CACHE_ALIGN = 128
@@ -234,9 +235,9 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     for i, p in enumerate(prompts):
         tokens_np[i, : len(p)] = p
 
-    # Decoding runs the layers unrolled on per-layer weights (see `unstack_layers`); pass params
-    # already unstacked to skip this one-off copy on every call.
-    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    # Decoding runs the layers unrolled on per-layer weights, output-major on CPU (see
+    # `decode_layout`); pass params already in that layout to skip this one-off copy on every call.
+    params = decode_layout(params)
     dtype = params["embed"].dtype
     plan = req.attention_plan
     planned = () if plan is None else (plan,)  # no plan: the dense programs, argument for argument
@@ -284,7 +285,7 @@ def generate_batches(params: Params, config: LlamaConfig, prompts: Sequence[Sequ
     batch_size = check_batch_size(batch_size)
     progress = kwargs.pop("progress", None)
     req = check_request(params, config, prompts, max_new_tokens, **kwargs)
-    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))  # once, not per group
+    params = decode_layout(params)  # once, not per group
     groups = [dataclasses.replace(req, prompts=req.prompts[i: i + batch_size],
                                   attention_plan=take_plan_rows(req.attention_plan, i, i + batch_size))
               for i in range(0, len(req.prompts), batch_size)]

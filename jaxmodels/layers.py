@@ -15,22 +15,41 @@ import numpy as np
 
 from jaxmodels.config import LlamaConfig
 from jaxmodels.quantize import Int8Weight
-from jaxmodels.weights import GramTap, LowRank
+from jaxmodels.weights import GramTap, LowRank, OutputMajor
+
+FEW_ROWS = 64  # up to this many rows, an output-major weight multiplies as y^T = W^T x^T on CPU
 
 
-def dense(w: jax.Array | LowRank | Int8Weight, x: jax.Array) -> jax.Array:
+def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> jax.Array:
     """x [..., m] @ w [m, n] -> [..., n]: the one place a matmul weight is applied.
 
     A factorized weight goes through its rank: (x @ u) @ v costs (m + n) r per row instead of m n.
-    A `GramTap` applies its weight and records X^T X for activation-aware compression.
+    A `GramTap` applies its weight and records X^T X for activation-aware compression. An
+    `OutputMajor` weight (the CPU decoding layout) goes through `output_major_matmul`.
     """
     if isinstance(w, GramTap):
         return dense(w.w, _gram_tap(x, w.gram))
     if isinstance(w, LowRank):
-        return (x @ w.u) @ w.v
+        return dense(w.v, dense(w.u, x))
     if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul
-        return (x @ w.q.astype(x.dtype)) * w.scale.astype(x.dtype)
+        q = OutputMajor(w.q.wt.astype(x.dtype)) if isinstance(w.q, OutputMajor) else w.q.astype(x.dtype)
+        return dense(q, x) * w.scale.astype(x.dtype)
+    if isinstance(w, OutputMajor):
+        return output_major_matmul(w.wt, x)
     return x @ w
+
+
+def output_major_matmul(wt: jax.Array, x: jax.Array) -> jax.Array:
+    """x [..., m] @ wt.T -> [..., n] for a weight stored [n, m] (an embedding table as LM head, or
+    `OutputMajor`). On CPU, up to FEW_ROWS rows run as y^T = wt @ x^T with the weight as the dot's
+    left operand, the form XLA:CPU runs 1.5-4x faster for 2-32 rows (measured; same speed at 1
+    row). The optimization barrier keeps XLA from folding the small transpose back into the dot,
+    which would restore the slow form. More rows (prefill, training): the plain product."""
+    rows = math.prod(x.shape[:-1])
+    if rows > FEW_ROWS or jax.default_backend() != "cpu":
+        return jnp.einsum("...m,nm->...n", x, wt)
+    yt = jax.lax.optimization_barrier(jnp.matmul(wt, x.reshape(rows, x.shape[-1]).T))  # [n, rows]
+    return yt.T.reshape(*x.shape[:-1], wt.shape[0])
 
 
 @jax.custom_vjp

@@ -25,7 +25,8 @@ from jaxmodels.attention import KVState, attend
 from jaxmodels.attention_plan import AttentionPlan, LayerPlans, plan_signature, stack_plans
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.layers import apply_rope, dense, rms_norm, rope_cos_sin, rope_inverse_frequencies, swiglu
+from jaxmodels.layers import (apply_rope, dense, output_major_matmul, rms_norm, rope_cos_sin,
+                              rope_inverse_frequencies, swiglu)
 from jaxmodels.quantize import Int8Rows
 from jaxmodels.params import (LAYER_KEYS, Params, check_param_shapes, init_params, layer_pieces, layer_slice,
                               param_shapes, unstack_layers)
@@ -51,8 +52,8 @@ def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
     if config.tie_word_embeddings:
         table = params["embed"]
         if isinstance(table, Int8Rows):  # weight-only int8: one scale per token's logit
-            return jnp.einsum("...d,vd->...v", h, table.q.astype(h.dtype)) * table.scale.astype(h.dtype)
-        return jnp.einsum("...d,vd->...v", h, table)
+            return output_major_matmul(table.q.astype(h.dtype), h) * table.scale.astype(h.dtype)
+        return output_major_matmul(table, h)  # the table [V, D] is the head, output-major
     return dense(params["lm_head"], h)
 
 

@@ -61,6 +61,36 @@ class GramTap:
     gram: Any
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OutputMajor:
+    """A matmul weight W [m, n] stored transposed, wt = W^T [n, m]: the decoding layout on CPU.
+
+    XLA:CPU multiplies a few rows x [k, m] by a weight 1.5-4x faster as y^T = W^T x^T, with the
+    weight as the dot's left operand, than as x @ W (SmolLM2's shapes, k = 2..32 rows, 2-core AMD
+    EPYC; `layers.dense`, `params.decode_layout`). Also the layout HF and GGUF store."""
+
+    wt: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight it stands for: [m, n]."""
+        return (self.wt.shape[1], self.wt.shape[0])
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self) -> Any:
+        return self.wt.dtype
+
+    def __getitem__(self, index: Any) -> "OutputMajor":  # w[:, :K]: an untied draft head's first K columns
+        if not isinstance(index, tuple) or len(index) != 2 or index[0] != slice(None):
+            raise IndexError(f"an OutputMajor weight is sliced along its output axis only (w[:, :K]), got {index}")
+        return OutputMajor(self.wt[index[1]])
+
+
 def _always(config: LlamaConfig) -> bool:
     return True
 

@@ -1,0 +1,43 @@
+"""The decode-step profiler (`benchmarks/decode_profile.py`): wall time split among concurrent ops
+adds up to the time any op ran, and every op of a tiny model's decode loop lands in its class."""
+
+import jax
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from benchmarks.decode_profile import profile_decode, wall_time_by_class
+from jaxmodels import init_params
+from jaxmodels.params import decode_layout
+from jaxmodels.testing import tiny_config
+
+
+def _union_length(intervals):
+    total, end = 0.0, -np.inf
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0.01, 30), st.sampled_from("abc")), min_size=1, max_size=12))
+def test_split_wall_time_adds_up_to_the_busy_time(spans):
+    events = [(start, start + length, cls) for start, length, cls in spans]
+    wall = wall_time_by_class(events)
+    assert np.isclose(sum(wall.values()), _union_length([(a, b) for a, b, _ in events]))
+    for cls, t in wall.items():  # a class never gets more than its ops' summed durations
+        assert t <= sum(b - a for a, b, c in events if c == cls) + 1e-9
+
+
+def test_a_tiny_models_decode_loop_is_classified():
+    config = tiny_config(tie_word_embeddings=True)
+    params = decode_layout(init_params(config, jax.random.key(0)), output_major=False)
+    for output_major in (False, True):
+        res = profile_decode(params, config, [[1, 2, 3], [4, 5]], 6, output_major, repeats=1)
+        classes = res["classes"]
+        per_step = {name: count for name, (_, count) in classes.items()}
+        assert per_step["weight matmuls"] == 7 * config.num_hidden_layers  # q, k, v, o, gate, up, down
+        assert per_step["LM head matmul"] == 1 and "attention" in per_step
+        assert sum(ms for ms, _ in classes.values()) <= res["traced_ms"] * 1.001
+        assert res["must_read"]["attention"] == 2 * 4 * 2 * 2 * 128 * 16 * 4  # 2 x L x B x KV x S x hd x 4 B
