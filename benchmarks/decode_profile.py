@@ -1,7 +1,7 @@
 """Where a decode step's time goes: a per-op profile of SmolLM2's greedy decode loop, against the
 bytes each op reads, for both weight layouts.
 
-    python -m benchmarks.decode_profile [--batch 1,8] [--new-tokens 64] [--quick] [--no-append]
+    python -m benchmarks.decode_profile [--batch 1,8] [--new-tokens 16] [--repeats 5] [--quick] [--no-append]
 
 For each batch size and weight layout (input-major `[in, out]`, the training layout; output-major,
 what `params.decode_layout` gives on CPU) the decode loop is compiled, timed untraced (median of
@@ -10,7 +10,8 @@ executed HLO op (thunk); events are summed per op class and divided by the loop'
 bytes are its operands' and result's sizes, read from the compiled HLO, so GB/s per class sets
 what the op moves against the machine's read bandwidth, measured in the same run. Tracing adds a
 few microseconds per op: the traced step is slower than the untraced one (both are reported), and
-the op classes sum to the traced step minus the time between ops.
+the op classes sum to the traced step minus the time between ops. Keep --new-tokens small: the
+profiler keeps a bounded number of events.
 """
 
 from __future__ import annotations
@@ -95,15 +96,16 @@ def classify(name: str, ops: dict[str, dict], weight_shapes: set[str], head_shap
 
 def _op_events(trace_dir: str, ops: dict[str, dict]) -> list[tuple[float, float, str]]:
     """(start, end, name) in microseconds of every op the decode loop executed, from a Perfetto
-    trace: events inside the loop's longest `while` event (names repeat across programs, so the
-    prefill's ops are told apart by time), container ops left out (their time is their body's)."""
+    trace of one `generate` call: the events after the last program launch (the prefill blocks
+    before the decode loop is launched; op names repeat across programs), container ops such as
+    the while loop left out (their time is their body's)."""
     path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
     with gzip.open(path) as f:
         data = json.load(f)
-    events = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in (data["traceEvents"] if isinstance(data, dict) else data)
-              if e.get("ph") == "X" and "dur" in e and e["name"] in ops]
-    loop = max((e for e in events if ops[e[2]]["op"] == "while"), key=lambda e: e[1] - e[0])
-    return [e for e in events if loop[0] <= e[0] and e[1] <= loop[1] and ops[e[2]]["op"] not in _CONTAINERS]
+    events = [e for e in (data["traceEvents"] if isinstance(data, dict) else data) if e.get("ph") == "X" and "dur" in e]
+    launch = max(e["ts"] for e in events if "ExecuteHelper" in e["name"])
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+            if e["ts"] >= launch and e["name"] in ops and ops[e["name"]]["op"] not in _CONTAINERS]
 
 
 def wall_time_by_class(events: list[tuple[float, float, str]]) -> dict[str, float]:
@@ -148,14 +150,25 @@ def must_read(config, params, batch: int, cache_len: int) -> dict[str, float]:
     return {"weight matmuls": matmuls, "LM head matmul": head, "attention": row * cache_len, "cache write": row}
 
 
-def profile_decode(params, config, prompts: list[list[int]], new_tokens: int, output_major: bool,
-                   repeats: int) -> dict:
-    """Untraced step time (median of `repeats`), then one traced run: per op class, the wall time
-    (ms per step, `wall_time_by_class`) and ops per step; plus the cache length the program used."""
+def untraced_step_ms(params, config, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median ms per decode step of each layout, untraced; the layouts alternate run by run, so a
+    slow spell of a shared machine hits both."""
+    times: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    for i in range(repeats + 1):  # the first round compiles
+        for layout, output_major in LAYOUTS.items():
+            with _layout(output_major):
+                seconds = generate(params, config, prompts, new_tokens, eos_token_ids=()).decode_seconds
+            if i:
+                times[layout].append(seconds * 1e3 / (new_tokens - 1))
+    return {layout: statistics.median(t) for layout, t in times.items()}
+
+
+def profile_decode(params, config, prompts: list[list[int]], new_tokens: int, output_major: bool) -> dict:
+    """One traced run: per op class, the wall time (ms per step, `wall_time_by_class`) and ops per
+    step, the traced step time, and the bytes each class must read."""
     with _layout(output_major):
         run = lambda: generate(params, config, prompts, new_tokens, eos_token_ids=())  # noqa: E731
         run()
-        untraced = statistics.median(run().decode_seconds for _ in range(repeats))
         hlo = [exe for key, exe in engine._COMPILED.items() if key[0] == "decode_loop"][-1].as_text()
         ops = hlo_ops(hlo)
         with tempfile.TemporaryDirectory(prefix="decode_trace_") as trace_dir:
@@ -175,7 +188,7 @@ def profile_decode(params, config, prompts: list[list[int]], new_tokens: int, ou
     counts = collections.Counter(cls[name] for _, _, name in events)
     classes = {c: (wall[c] / 1e3 / steps, counts[c] / steps) for c in wall}
     cache_len = int(cache.split(",")[1]) if cache else 0
-    return {"untraced_ms": untraced * 1e3 / steps, "traced_ms": traced * 1e3 / steps, "classes": classes,
+    return {"traced_ms": traced * 1e3 / steps, "classes": classes,
             "must_read": must_read(config, params, b, cache_len)}
 
 
@@ -195,8 +208,10 @@ def run(params, config, prompts, batch_sizes: list[int], new_tokens: int, repeat
     bandwidth = measure_read_bandwidth()
     rows, results = [], {}
     for b in batch_sizes:
+        untraced = untraced_step_ms(params, config, prompts[:b], new_tokens, repeats)
         for layout, output_major in LAYOUTS.items():
-            results[(b, layout)] = res = profile_decode(params, config, prompts[:b], new_tokens, output_major, repeats)
+            res = profile_decode(params, config, prompts[:b], new_tokens, output_major)
+            results[(b, layout)] = res = {**res, "untraced_ms": untraced[layout]}
             rows += _rows(b, layout, res, bandwidth)
             print(*_rows(b, layout, res, bandwidth), sep="\n", flush=True)
     header = ["batch", "weight layout", "op class", "ops per step", "wall ms per step", "% of traced step",
@@ -204,7 +219,7 @@ def run(params, config, prompts, batch_sizes: list[int], new_tokens: int, repeat
     speed = "; ".join(f"batch {b}: {results[(b, 'input-major')]['untraced_ms'] / results[(b, 'output-major')]['untraced_ms']:.2f}x"
                       for b in batch_sizes)
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, float32, greedy, {new_tokens} new tokens "
-            f"per row, the decode loop only (prefill excluded); untraced step = median of {repeats}. Wall ms: "
+            f"per row, the decode loop only (prefill excluded); untraced step = median of {repeats} runs, the layouts alternating. Wall ms: "
             f"XLA:CPU runs independent ops on both cores at once; each moment's time is split among the "
             f"ops running then, so classes add up to the traced step less the gaps between ops. MB it must "
             f"read: each matmul weight once, the head's table, every layer's whole K/V buffers (attention "
@@ -219,7 +234,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
-    args = parse_decode_flags(parser, new_tokens=64)
+    args = parse_decode_flags(parser, new_tokens=16)
     config, params, tokenizer = load_model(smollm2_gguf_path())
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     batch_sizes = [int(b) for b in args.batch.split(",")]

@@ -34,7 +34,7 @@ def test_a_tiny_models_decode_loop_is_classified():
     config = tiny_config(tie_word_embeddings=True)
     params = decode_layout(init_params(config, jax.random.key(0)), output_major=False)
     for output_major in (False, True):
-        res = profile_decode(params, config, [[1, 2, 3], [4, 5]], 6, output_major, repeats=1)
+        res = profile_decode(params, config, [[1, 2, 3], [4, 5]], 6, output_major)
         classes = res["classes"]
         per_step = {name: count for name, (_, count) in classes.items()}
         assert per_step["weight matmuls"] == 7 * config.num_hidden_layers  # q, k, v, o, gate, up, down
