@@ -216,12 +216,13 @@ def run(params, config, prompts, batch_sizes: list[int], new_tokens: int, repeat
             print(*_rows(b, layout, res, bandwidth), sep="\n", flush=True)
     header = ["batch", "weight layout", "op class", "ops per step", "wall ms per step", "% of traced step",
               "MB it must read per step", "GB/s", "% of measured bandwidth"]
-    speed = "; ".join(f"batch {b}: {results[(b, 'input-major')]['untraced_ms'] / results[(b, 'output-major')]['untraced_ms']:.2f}x"
-                      for b in batch_sizes)
+    ratio = {b: results[(b, "input-major")]["untraced_ms"] / results[(b, "output-major")]["untraced_ms"]
+             for b in batch_sizes}
+    speed = "; ".join(f"batch {b}: {r:.2f}x" for b, r in ratio.items())
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, float32, greedy, {new_tokens} new tokens "
-            f"per row, the decode loop only (prefill excluded); untraced step = median of {repeats} runs, the layouts alternating. Wall ms: "
-            f"XLA:CPU runs independent ops on both cores at once; each moment's time is split among the "
-            f"ops running then, so classes add up to the traced step less the gaps between ops. MB it must "
+            f"per row, the decode loop only (prefill excluded); untraced step = median of {repeats} runs, "
+            f"the layouts alternating. Wall ms: XLA:CPU runs independent ops on both cores at once; each "
+            f"moment's time is split among the ops running then, so classes add up to the traced step less the gaps between ops. MB it must "
             f"read: each matmul weight once, the head's table, every layer's whole K/V buffers (attention "
             f"masks, it does not skip, positions past a row's length), the new K/V rows. Measured read "
             f"bandwidth: {bandwidth / 1e9:.1f} GB/s. CPU: {cpu_model()} ({cpu_extensions()}). Untraced "

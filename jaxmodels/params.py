@@ -36,8 +36,8 @@ from jaxmodels.weights import (LAYER_KEYS, LAYER_WEIGHTS, MODEL_WEIGHTS, LowRank
 Params = dict[str, Any]
 Layers = Params | tuple[Params, ...]
 __all__ = ["LAYER_KEYS", "Params", "param_shapes", "init_params", "check_param_shapes", "build_params",
-           "iter_weights", "layer_pieces", "layer_slice", "unstack_layers", "decode_layout", "is_stacked", "stack_layers",
-           "svd_factor", "with_variants"]
+           "iter_weights", "layer_pieces", "layer_slice", "unstack_layers", "decode_layout", "is_stacked",
+           "stack_layers", "svd_factor", "with_variants"]
 
 
 def _layer_shapes(config: LlamaConfig, layer: int, lead: tuple[int, ...]) -> Params:
