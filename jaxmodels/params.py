@@ -30,8 +30,8 @@ import numpy as np
 
 from jaxmodels.config import LlamaConfig
 from jaxmodels.quantize import Int8Weight
-from jaxmodels.weights import (LAYER_KEYS, LAYER_WEIGHTS, MODEL_WEIGHTS, LowRank, OutputMajor, WeightSpec,
-                               factor_shapes, layer_ranks, segments)
+from jaxmodels.weights import (FACTORIZABLE, LAYER_KEYS, LAYER_WEIGHTS, MODEL_WEIGHTS, LowRank, OutputMajor,
+                               WeightSpec, factor_shapes, layer_ranks, segments)
 
 Params = dict[str, Any]
 Layers = Params | tuple[Params, ...]
@@ -194,13 +194,12 @@ def _output_major(w: Any) -> Any:
 def decode_layout(params: Params, output_major: bool | None = None) -> Params:
     """The parameters as decoding runs them: layers unstacked (`unstack_layers`) and, on CPU
     (output_major None) or when asked, every matmul weight `OutputMajor` (`layers.output_major_matmul`:
-    decoding 8 rows of SmolLM2 1.6x faster on a 2-core EPYC, `benchmarks/decode_profile.py`).
+    decoding 8 rows of SmolLM2 1.43x faster on a 2-core EPYC, `benchmarks/decode_profile.py`).
     One copy of the weights, made once per call; pass the result to skip it. Idempotent."""
     params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
     if not (jax.default_backend() == "cpu" if output_major is None else output_major):
         return params
-    names = {s.name for s in LAYER_WEIGHTS if s.matmul}
-    layers = tuple({k: _output_major(v) if k in names else v for k, v in lp.items()} for lp in params["layers"])
+    layers = tuple({k: _output_major(v) if k in FACTORIZABLE else v for k, v in lp.items()} for lp in params["layers"])
     out = {**params, "layers": layers}
     if "lm_head" in params:
         out["lm_head"] = _output_major(params["lm_head"])
