@@ -33,7 +33,8 @@ from inference.engine import generate, generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers, unstack_layers
+from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from jaxmodels.params import decode_layout
 from jaxmodels.weights import WEIGHTS, layer_param_count
 
 
@@ -72,8 +73,8 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
 
     With `layers` = n each pass runs layers [0, n) and a layer costs the pass time / n: with n = 1
     the layer's weights stay in the CPU caches between passes; n = L streams every layer's weights
-    from memory, as decoding does."""
-    params = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
+    from memory, as decoding does. The weights are in the layout decoding runs (`decode_layout`)."""
+    params = decode_layout(params)
     measured = sorted({n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n < max_tokens} | {max_tokens})
     dim, start = config.hidden_size, cache_len // 2
 

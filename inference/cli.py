@@ -157,10 +157,12 @@ def _load(args: argparse.Namespace):
     config, params, tokenizer = load_model(args.model, progress=True)
     _progress(f"loaded {config.num_hidden_layers} layers in {time.perf_counter() - t0:.1f} s")
     if args.weights != "float32":
-        from jaxmodels.quantize import convert_weights, weight_bytes
+        from jaxmodels.quantize import convert_weights, cpu_decoding_note, weight_bytes
         before = weight_bytes(params)
         params = convert_weights(params, args.weights)
         _progress(f"weights in {args.weights}: {before / 2**20:.0f} MiB -> {weight_bytes(params) / 2**20:.0f} MiB")
+        if note := cpu_decoding_note(args.weights):
+            _progress(f"note: {note}")
     if tokenizer is None:
         raise InferenceError(f"{args.model} has no tokenizer (tokenizer.json); add one to the folder")
     if args.chat and tokenizer.chat_template is None:

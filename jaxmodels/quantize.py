@@ -11,6 +11,7 @@ weight bytes over the memory bandwidth (`benchmarks/decode.py` reports the fract
   token row (`Int8Rows`), which serves both the lookup and the tied head's logit for that token.
   Norms and activations keep their dtype: a quarter of the float32 bytes, plus the scales.
 
+On CPU neither is faster yet where it was measured (`cpu_decoding_note` says why, per machine).
 Both are lossy; `tests/test_quantize.py` bounds the error and measures greedy agreement with float32.
 Float32 stays the default. `int8` refuses a factorized (`LowRank`) model; bfloat16 takes it.
 In bfloat16, self-speculation matches bf16 greedy decoding only up to rounding: the verifier's
@@ -121,6 +122,28 @@ def convert_weights(params: dict[str, Any], weights: str) -> dict[str, Any]:
     if "lm_head" in params:
         out["lm_head"] = quantize_int8(params["lm_head"])
     return out
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def cpu_decoding_note(weights: str) -> str | None:
+    """Why `weights` will not decode faster than float32 on this machine, or None where that is not
+    known. XLA:CPU multiplies an int8 weight (always) and a bf16 weight (without AVX512-BF16 / AMX)
+    in float32 and moves the conversion out of the decode loop: the loop reads float32 copies
+    (`benchmarks/matvec_dtypes.py`; on a 2-core AVX2 EPYC: 0.39-1.19x float32's tokens/s)."""
+    if weights == "float32" or jax.default_backend() != "cpu":
+        return None
+    if weights == "bfloat16" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return None  # not measured on such a CPU: no claim either way
+    return (f"{weights} weights on this CPU are converted to float32 inside the compiled decode program, "
+            f"once per call: decoding reads float32 copies, so it saves neither time nor memory (BENCHMARKS.md, "
+            f"'Decode-step weight matmuls by weight format'); float32 is as fast and exact")
 
 
 def weight_bytes(params: dict[str, Any]) -> int:

@@ -1,0 +1,13 @@
+"""Pallas kernels for decoding: each beside its jnp reference, one public function per kernel that
+picks the implementation by backend (`impl=` overrides it for tests and checks).
+
+- `attention.attention`: index-mapped attention for S_q new tokens per row against the KV cache
+  (decoding: S_q = 1; verifying a draft: d + 1), per-row tables covering dense, GQA and CHAI.
+  Built: the jnp reference and the Mosaic TPU kernel. Not yet built: the GPU kernels, the wiring
+  into the model's attention, the GPU suite.
+"""
+
+
+class KernelError(ValueError):
+    """A kernel was asked for where it cannot run, or with shapes it does not take; the message
+    names the fix."""

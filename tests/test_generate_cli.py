@@ -106,6 +106,9 @@ def test_weights_flag_converts_after_loading_and_reports_the_bytes(capsys, tiny_
     assert json.loads(out.strip().splitlines()[-1])["weights"] == weights
     line = next(line for line in err.splitlines() if line.startswith(f"weights in {weights}:"))
     assert "MiB ->" in line
+    from jaxmodels.quantize import cpu_decoding_note
+    note = cpu_decoding_note(weights)  # this machine's verdict: said when known, silent otherwise
+    assert (f"note: {note}" in err) if note else ("note:" not in err)
 
 
 def test_an_unknown_weight_format_is_refused_with_the_choices(capsys, tiny_dir):

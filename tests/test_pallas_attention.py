@@ -1,0 +1,118 @@
+"""Index-mapped attention (`pallas_kernels.attention`): the TPU kernel in interpret mode against the
+jnp reference over many shapes and tables, the reference against the model's own attention (dense
+GQA and a CHAI plan), the errors, and the kernel compiled for real TPUs (v5e, v6e) through libtpu."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jaxmodels.attention import clustered_attention, gqa_attention
+from jaxmodels.attention_plan import cluster_plan
+from pallas_kernels import KernelError
+from pallas_kernels.attention import attention, attention_reference, gqa_tables, plan_tables
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[test]' brings it)")
+
+
+def _qkv(rng, b, num_q, hq, ck, kv, s, hd, dtype):
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), dtype)  # noqa: E731
+    return normal(b, num_q, hq, hd), normal(b, ck, s, hd), normal(b, kv, s, hd)
+
+
+@st.composite
+def cases(draw):
+    kv, groups = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 3, 8]))
+    b, num_q, block_k = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([8, 16]))
+    s = block_k * draw(st.integers(3, 4))  # at least 3 key blocks (interpret-mode regressions hid there)
+    h, ck = kv * groups, draw(st.integers(1, 3))
+    lengths = draw(st.lists(st.sampled_from([0, 1, s - num_q + 1, s // 2, 7]), min_size=b, max_size=b))
+    seed = draw(st.integers(0, 2 ** 16))
+    return dict(b=b, num_q=num_q, h=h, kv=kv, ck=ck, s=s, block_k=block_k, lengths=lengths, seed=seed,
+                dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])), identity=draw(st.booleans()))
+
+
+@settings(max_examples=24, deadline=None)
+@given(cases())
+def test_the_tpu_kernel_matches_the_reference(case):
+    rng = np.random.default_rng(case["seed"])
+    b, h, kv, ck = case["b"], case["h"], case["kv"], case["ck"]
+    q, k, v = _qkv(rng, b, case["num_q"], h, ck if not case["identity"] else kv, kv, case["s"], 64, case["dtype"])
+    if case["identity"]:
+        tables = gqa_tables(b, h, kv)
+    else:  # different random tables per row
+        tables = tuple(jnp.asarray(rng.integers(0, n, (b, h)), jnp.int32) for n in (h, ck, kv))
+    lengths = jnp.asarray(case["lengths"], jnp.int32)
+    want = attention_reference(q, k, v, lengths, *tables)
+    got = jax.block_until_ready(attention(q, k, v, lengths, *tables, impl="pallas", interpret=True,
+                                          block_k=case["block_k"]))
+    tol = 1e-5 if case["dtype"] == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def _decode_positions(lengths, num_q):
+    return lengths[:, None] - 1 + jnp.arange(num_q)[None, :]  # query j sits at position lengths - 1 + j
+
+
+@pytest.mark.parametrize("num_q", [1, 3])
+def test_gqa_tables_give_the_models_attention(num_q):
+    rng = np.random.default_rng(1)
+    b, h, kv, s, hd = 2, 6, 2, 32, 16
+    q, k, v = _qkv(rng, b, num_q, h, kv, kv, s, hd, jnp.float32)
+    lengths = jnp.asarray([5, 30], jnp.int32)
+    want = gqa_attention(q, k.reshape(b * kv, s, hd), v.reshape(b * kv, s, hd),
+                         _decode_positions(lengths, num_q), jnp.arange(s))
+    got = attention(q, k, v, lengths, *gqa_tables(b, h, kv), impl="reference")
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_plan_tables_give_the_models_clustered_attention():
+    rng = np.random.default_rng(2)
+    b, h, kv, s, hd, clusters = 2, 8, 4, 32, 16, 2
+    plan = cluster_plan(jnp.asarray([[0, 1, 0, 1], [1, 1, 0, 0]]), clusters, h)
+    q, k, v = _qkv(rng, b, 1, h, clusters, kv, s, hd, jnp.float32)
+    lengths = jnp.asarray([9, 32], jnp.int32)
+    want = clustered_attention(q, k.reshape(b * clusters, s, hd), v.reshape(b * kv, s, hd),
+                               _decode_positions(lengths, 1), jnp.arange(s), plan)
+    tables = plan_tables(plan, h, kv)
+    np.testing.assert_allclose(attention(q, k, v, lengths, *tables, impl="reference"), want, atol=1e-5)
+    got = jax.block_until_ready(attention(q, k, v, lengths, *tables, impl="pallas", interpret=True, block_k=8))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_the_errors_name_the_fix():
+    q, k, v = _qkv(np.random.default_rng(0), 1, 1, 2, 1, 1, 24, 8, jnp.float32)
+    args = (q, k, v, jnp.asarray([3]), *gqa_tables(1, 2, 1))
+    with pytest.raises(KernelError, match="interpret=True"):
+        attention(*args, impl="pallas")
+    with pytest.raises(KernelError, match="impl must be one of"):
+        attention(*args, impl="triton")
+    with pytest.raises(KernelError, match="block_k=16 must divide the cache length 24"):
+        attention(*args, impl="pallas", interpret=True, block_k=16)
+    with pytest.raises(KernelError, match="multiple of 8"):
+        attention(*args, impl="pallas", interpret=True, block_k=12)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("chip", ["v5e-1", "v6e-1"])
+@pytest.mark.parametrize("num_q,dtype", [(1, jnp.bfloat16), (5, jnp.bfloat16), (1, jnp.float32)])
+def test_the_kernel_compiles_for_tpu(chip, num_q, dtype):
+    """The real TPU compiler (libtpu) on this CPU: SmolLM2's attention shapes, a 2048-key cache."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from pallas_kernels.attention.tpu import attention_tpu
+    from training.aot import topology, tpu_devices
+
+    mesh = jax.sharding.Mesh(np.asarray(tpu_devices(topology(chip))[:1]), ("x",))
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+    b, h, kv, s, hd = 4, 9, 3, 2048, 64
+    args = [spec((b, num_q, h, hd), dtype), spec((b, kv, s, hd), dtype), spec((b, kv, s, hd), dtype),
+            spec((b,), jnp.int32)] + [spec((b, h), jnp.int32)] * 3
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(lambda *a: attention_tpu(*a, block_k=512)).trace(*args).lower().compile()
+    assert "tpu_custom_call" in compiled.as_text()  # the Mosaic kernel, compiled by libtpu
+    assert compiled.memory_analysis().argument_size_in_bytes >= 2 * b * kv * s * hd * jnp.dtype(dtype).itemsize
