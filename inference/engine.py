@@ -18,8 +18,8 @@ import numpy as np
 
 from inference.sampling import SamplingConfig, select_token
 from inference.speculative import SpecConfig, speculative_loop
-from inference.validate import (check_attention_plan, check_batch_size, check_context, check_early_exit,
-                                check_eos_ids, check_max_new_tokens, check_params, check_prompts,
+from inference.validate import (check_attention_impl, check_attention_plan, check_batch_size, check_context,
+                                check_early_exit, check_eos_ids, check_max_new_tokens, check_params, check_prompts,
                                 check_sampling, check_seed, check_spec)
 from jaxmodels.attention_plan import LayerPlans, k_slots, take_plan_rows
 from jaxmodels.config import LlamaConfig
@@ -101,12 +101,14 @@ class Request:
     speculative: SpecConfig | None
     early_exit: int | None
     attention_plan: LayerPlans | None = None  # per-layer plans (int32 device arrays), None = dense
+    attention_impl: str = "auto"  # how cached attention runs (`KVCache.attention_impl`)
+    interpret: bool = False  # the Pallas kernels in interpret mode (slow; checks on CPU)
 
 
 def check_request(params: Params, config: LlamaConfig, prompts: Any, max_new_tokens: Any, *,
                   temperature: Any = 0.0, top_k: Any = 0, top_p: Any = 1.0, seed: Any = 0,
                   eos_token_ids: Any = None, speculative: Any = None, early_exit: Any = None,
-                  attention_plan: Any = None) -> Request:
+                  attention_plan: Any = None, attention_impl: Any = "auto", interpret: Any = False) -> Request:
     """Every argument of `generate` checked and normalized, before any computation."""
     check_params(params, config)
     temperature, top_k, top_p = check_sampling(temperature, top_k, top_p, config.vocab_size)
@@ -115,7 +117,8 @@ def check_request(params: Params, config: LlamaConfig, prompts: Any, max_new_tok
     return Request(prompts, max_new_tokens, SamplingConfig(temperature, top_k, top_p), check_seed(seed),
                    check_eos_ids(eos_token_ids, config), check_spec(speculative, config),
                    check_early_exit(early_exit, config, speculative),
-                   check_attention_plan(attention_plan, config, len(prompts)))
+                   check_attention_plan(attention_plan, config, len(prompts)),
+                   *check_attention_impl(attention_impl, interpret))
 
 
 # ------------------------------------------------------------------------- compiled pieces
@@ -204,7 +207,8 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
              max_new_tokens: int = 64, *, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, eos_token_ids: Sequence[int] | None = None,
              speculative: SpecConfig | None = None, early_exit: int | None = None,
-             progress: Progress | None = None, attention_plan: LayerPlans | None = None) -> GenerationResult:
+             progress: Progress | None = None, attention_plan: LayerPlans | None = None,
+             attention_impl: str = "auto", interpret: bool = False) -> GenerationResult:
     """Generate continuations for a batch of token-id prompts (greedy unless temperature > 0).
 
     With `speculative`, decode by LayerSkip self-speculation (same tokens as plain greedy decoding;
@@ -214,11 +218,14 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     `progress(message)` is called before each compilation. `attention_plan`: one attention plan per
     layer (`jaxmodels.attention_plan`; None entries are dense layers), one row per prompt; prefill,
     decoding and both halves of self-speculation run with it, and the KV cache is built for it
-    (a clustered layer keeps fewer K slots).
+    (a clustered layer keeps fewer K slots). `attention_impl` ("auto": the Pallas kernel on TPU,
+    jnp elsewhere; "reference"; "pallas") picks how cached attention runs; `interpret` runs the
+    Pallas kernels in interpret mode (slow; to check them on CPU).
     """
     req = check_request(params, config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, eos_token_ids=eos_token_ids, speculative=speculative,
-                        early_exit=early_exit, attention_plan=attention_plan)
+                        early_exit=early_exit, attention_plan=attention_plan, attention_impl=attention_impl,
+                        interpret=interpret)
     return _generate(params, config, req, progress)
 
 
@@ -241,7 +248,8 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     dtype = params["embed"].dtype
     plan = req.attention_plan
     planned = () if plan is None else (plan,)  # no plan: the dense programs, argument for argument
-    cache = KVCache.create(config, len(prompts), cache_len, dtype, k_slots(config, plan))
+    cache = KVCache.create(config, len(prompts), cache_len, dtype, k_slots(config, plan), req.attention_impl,
+                           req.interpret)
     cache_bytes = {"kv_cache_bytes": cache.nbytes(), "dense_kv_cache_bytes": cache.dense_nbytes()}
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),

@@ -219,6 +219,25 @@ def check_attention_plan(plans: Any, config: LlamaConfig, batch: int) -> tuple |
         raise InferenceError(f"{err} (one attention plan row per prompt)") from err
 
 
+def check_attention_impl(impl: Any, interpret: Any) -> tuple[str, bool]:
+    """How cached attention runs: "auto" | "reference" | "pallas", and whether the Pallas kernels
+    run in interpret mode (which only "pallas" uses; off TPU "pallas" needs it)."""
+    import jax
+
+    from jaxmodels.kv_cache import ATTENTION_IMPLS
+
+    if impl not in ATTENTION_IMPLS:
+        raise InferenceError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if not isinstance(interpret, bool):
+        raise InferenceError(f"interpret must be True or False, got {interpret!r}")
+    if interpret and impl != "pallas":
+        raise InferenceError("interpret runs the Pallas kernels in interpret mode: use it with attention_impl='pallas'")
+    if impl == "pallas" and not interpret and jax.default_backend() != "tpu":
+        raise InferenceError(f"the Pallas attention kernel is built for TPU; on {jax.default_backend()} add "
+                             f"interpret=True (--interpret: slow, for checks) or use attention_impl='auto'")
+    return impl, interpret
+
+
 __all__ = ["InferenceError", "check_sampling", "check_seed", "check_max_new_tokens", "check_prompts",
            "check_context", "check_eos_ids", "check_early_exit", "check_spec", "check_params",
-           "check_batch_size", "check_attention_plan", "as_int", "as_float", "SEED_LIMIT"]
+           "check_batch_size", "check_attention_plan", "check_attention_impl", "as_int", "as_float", "SEED_LIMIT"]

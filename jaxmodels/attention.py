@@ -7,7 +7,8 @@ maps given as runtime data: which query heads compute scores, which KV heads' ke
 whose probabilities each head applies to its own values. `jaxmodels.attention_plan` documents the
 layout. Dense and grouped-query attention are the identity plan. `plan=None` stands for it and
 compiles to the plain GQA program, with no gathers. CHAI's clustered heads are another plan. So
-are, later, head sparsity and the Pallas kernels, all behind this same call.
+are, later, head sparsity. The Pallas kernels (`pallas_kernels.attention`) take the same tables
+behind this same call, chosen by the KV cache (`KVCache.attention_impl`).
 
 Masking is by position: a query at position p sees keys at positions <= p. That one rule covers
 causality, right-padded ragged batches and stale cache slots.
@@ -125,15 +126,35 @@ def _check_cache(state: KVState, k_new: jax.Array, v_new: jax.Array, plan: Atten
             f"KVCache.create(..., k_slots=attention_plan.k_slots(config, plans)) for the same plans")
 
 
+def _uses_kernel(impl: str) -> bool:
+    """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU."""
+    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
+
+
+def kernel_attention(q: jax.Array, state: KVState, positions: jax.Array, plan: AttentionPlan | None,
+                     interpret: bool = False) -> jax.Array:
+    """Cached attention through `pallas_kernels.attention` (same meaning as the jnp path): the
+    buffers as [B, C, S, hd] views, query j of a row seeing positions <= positions[:, 0] + j."""
+    from pallas_kernels.attention import attention, gqa_tables, plan_tables  # it builds on this package
+
+    b, _, h, hd = q.shape
+    kv = state[1].shape[0] // b
+    keys, values = state[0].reshape(b, -1, state[0].shape[1], hd), state[1].reshape(b, kv, -1, hd)
+    tables = gqa_tables(b, h, kv) if plan is None else plan_tables(plan, h, kv)
+    return attention(q, keys, values, positions[:, 0] + 1, *tables, impl="pallas", interpret=interpret)
+
+
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | None, positions: jax.Array,
-           write_at: jax.Array, plan: AttentionPlan | None = None) -> tuple[jax.Array, KVState | None]:
+           write_at: jax.Array, plan: AttentionPlan | None = None, *, impl: str = "auto",
+           interpret: bool = False) -> tuple[jax.Array, KVState | None]:
     """One layer's attention: write this chunk's keys/values into the layer's cache and attend.
 
     q [B, T, H, hd] and k_new, v_new [B, KV, T, hd] at positions [B, T] (contiguous per row).
     Without a cache (state None), the chunk attends to itself (training). With one, state =
     (K [B*Ck, S, hd], V [B*KV, S, hd]) gets the chunk at write_at [B] (= positions[:, 0]), and the
     chunk attends to every buffered position <= its own. `plan` None is dense / GQA. With a plan,
-    K slot c receives the keys of KV head k_source[b, c]. Returns (out [B, T, H, hd], state).
+    K slot c receives the keys of KV head k_source[b, c]. `impl` / `interpret`: whether cached
+    attention runs the Pallas kernel (`KVCache.attention_impl`). Returns (out [B, T, H, hd], state).
     """
     if plan is not None:
         k_new = _take_rows(k_new, plan.k_source, axis=0)  # [B, Ck, T, hd]
@@ -142,6 +163,8 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | No
     else:
         _check_cache(state, k_new, v_new, plan)
         state = (write_rows(state[0], k_new, write_at), write_rows(state[1], v_new, write_at))
+        if _uses_kernel(impl):
+            return kernel_attention(q, state, positions, plan, interpret), state
         keys, values = state[0].astype(k_new.dtype), state[1].astype(v_new.dtype)
         k_pos = jnp.arange(keys.shape[1])
     if plan is None:

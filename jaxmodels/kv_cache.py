@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from jaxmodels.config import LlamaConfig
 
+ATTENTION_IMPLS = ("auto", "reference", "pallas")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +38,11 @@ class KVCache:
     k: tuple[jax.Array, ...]  # L x [B*Ck_l, S, hd]  (Ck_l = KV for a dense layer)
     v: tuple[jax.Array, ...]  # L x [B*KV, S, hd]
     lengths: jax.Array  # [B] int32: valid positions per row
+    # How its layers attend (static: part of the compiled program). "auto": the Pallas kernel on
+    # TPU, the jnp path elsewhere; "reference": the jnp path; "pallas": the kernel, on CPU only
+    # with `attention_interpret` (`pallas_kernels.attention`).
+    attention_impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    attention_interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def max_len(self) -> int:
@@ -52,16 +59,21 @@ class KVCache:
 
     @classmethod
     def create(cls, config: LlamaConfig, batch_size: int, max_len: int,
-               dtype: jnp.dtype = jnp.float32, k_slots: Sequence[int] | None = None) -> "KVCache":
+               dtype: jnp.dtype = jnp.float32, k_slots: Sequence[int] | None = None,
+               attention_impl: str = "auto", attention_interpret: bool = False) -> "KVCache":
         """Zeroed buffers for `batch_size` rows of `max_len` positions. `k_slots` gives each layer's
-        K slots per row (`jaxmodels.attention_plan.k_slots(config, plans)`); None = dense."""
+        K slots per row (`jaxmodels.attention_plan.k_slots(config, plans)`); None = dense.
+        `attention_impl` / `attention_interpret`: how its layers attend (see the fields)."""
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got '{attention_impl}'")
         n, kv = config.num_hidden_layers, config.num_key_value_heads
         slots = (kv,) * n if k_slots is None else tuple(int(c) for c in k_slots)
         if len(slots) != n or min(slots) < 1:
             raise ValueError(f"k_slots must give a positive slot count for each of the {n} layers, got {slots}")
         buffer = lambda c: jnp.zeros((batch_size * c, max_len, config.head_dim), dtype)  # noqa: E731
         return cls(k=tuple(buffer(c) for c in slots), v=tuple(buffer(kv) for _ in range(n)),
-                   lengths=jnp.zeros((batch_size,), jnp.int32))
+                   lengths=jnp.zeros((batch_size,), jnp.int32), attention_impl=attention_impl,
+                   attention_interpret=bool(attention_interpret))
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)

@@ -82,6 +82,8 @@ class LayerContext:
     sin: jax.Array
     positions: jax.Array
     write_at: jax.Array
+    attention_impl: str = "auto"  # the KV cache's choice (`KVCache.attention_impl`)
+    attention_interpret: bool = False
 
 
 LayerState = KVState | None  # this layer's cache buffers (K [B*Ck, S, hd], V [B*KV, S, hd]), or None
@@ -97,7 +99,8 @@ def decoder_layer(lp: Params, h: jax.Array, state: LayerState, ctx: LayerContext
     attention plan. `aux` is None for now (a place for per-layer statistics).
     """
     q, k, v = _qkv(lp, ctx.config, h, ctx.cos, ctx.sin)
-    out, state = attend(q, k, v, state, ctx.positions, ctx.write_at, plan)  # out [B, T, H, hd]
+    out, state = attend(q, k, v, state, ctx.positions, ctx.write_at, plan,  # out [B, T, H, hd]
+                        impl=ctx.attention_impl, interpret=ctx.attention_interpret)
     h = h + dense(lp["wo"], out.reshape(h.shape[0], h.shape[1], -1))
     return _mlp_block(lp, ctx.config, h), state, None
 
@@ -199,7 +202,8 @@ def run_layers(params: Params, config: LlamaConfig, h: jax.Array, positions: jax
         raise ValueError("layer skipping is a training feature; it cannot be combined with a KV cache")
     plans = _layer_plans(config, plan)
     cos, sin = rope_cos_sin(positions, jnp.asarray(rope_inverse_frequencies(config)))
-    ctx = LayerContext(config, cos, sin, positions, positions[:, 0])
+    ctx = LayerContext(config, cos, sin, positions, positions[:, 0], *(
+        () if cache is None else (cache.attention_impl, cache.attention_interpret)))
     step = _layer_step(ctx, collect_hidden, remat, skip is not None)
     k_out, v_out, hidden, i = [], [], [], start
     for piece, stacked in layer_pieces(params["layers"], start, stop):

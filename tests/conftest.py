@@ -9,6 +9,9 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu installed (the test extra), JAX would try a TPU first
+# Tests compile for TPU topologies through libtpu both in this process (the Pallas kernels) and in
+# CLI subprocesses (`training.aot`); libtpu's one-process lockfile would make the later ones fail.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -187,6 +187,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [head, *_program_lines("train step", report["train_step"])]
     if "decode_step" in report:
         lines += _program_lines(f"decode step ({report['decode']})", report["decode_step"])
+    if "verify_step" in report:
+        lines += _program_lines(f"verification pass, 5 tokens per row ({report['decode']})", report["verify_step"])
     return "\n".join(lines)
 
 

@@ -47,6 +47,9 @@ def _checkpoint_config(path: str) -> LlamaConfig:
     return read_hf_config(folder)
 
 
+VERIFY_TOKENS = 5  # the verification pass compiled: d + 1 tokens per row at draft length 4
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -80,19 +83,27 @@ def lower_train_step(cfg: TrainConfig, config: LlamaConfig, devices: list) -> tu
     return lowered, sizes
 
 
-def lower_decode_step(config: LlamaConfig, device: Any, batch: int, context: int) -> Any:
-    """One decode step (a token per row after `context` cached positions) on one chip, float32
-    weights and cache as `inference.generate` serves them."""
+def lower_decode_step(config: LlamaConfig, device: Any, batch: int, context: int, new_tokens: int = 1) -> Any:
+    """One decode step (a token per row after `context` cached positions) or, with `new_tokens` =
+    d + 1, one self-speculative verification pass, on one chip: float32 weights and cache as
+    `inference.generate` serves them, cached attention through the Pallas kernel (what "auto"
+    picks on a TPU)."""
     from inference.engine import decode_step
+    from jaxmodels.model import forward
 
     one = SingleDeviceSharding(device)
     params = jax.eval_shape(lambda k: init_params(config, k), jax.random.PRNGKey(0))
-    cache = jax.eval_shape(lambda: KVCache.create(config, batch, context))
-    token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=one)
+    cache = jax.eval_shape(lambda: KVCache.create(config, batch, context, attention_impl="pallas"))
     on_chip = lambda tree: jax.tree_util.tree_map(  # noqa: E731
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), tree)
-    step = jax.jit(lambda p, t, c: decode_step(p, config, t, c), donate_argnums=(2,))
-    return step.trace(on_chip(params), token, on_chip(cache)).lower()
+    if new_tokens == 1:
+        token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=one)
+        step = jax.jit(lambda p, t, c: decode_step(p, config, t, c), donate_argnums=(2,))
+    else:
+        token = jax.ShapeDtypeStruct((batch, new_tokens), jnp.int32, sharding=one)
+        step = jax.jit(lambda p, t, c: forward(p, config, t, cache=c), donate_argnums=(2,))
+    with jax.set_mesh(jax.sharding.Mesh([device], ("chip",))):  # Pallas lowers for the chip, not the host
+        return step.trace(on_chip(params), token, on_chip(cache)).lower()
 
 
 def model_flops(config: LlamaConfig, tokens: int, context: int, train: bool) -> float:
@@ -128,5 +139,8 @@ def run(topo: Topology, preset: str | None, config_file: str | None, overrides: 
         report["decode"] = f"batch {batch}, {context} cached positions"
         report["decode_step"] = compile_report(lower_decode_step(config, devices[0], batch, context), topo.hbm_bytes)
         report["decode_step"]["model_flops_per_chip"] = model_flops(config, batch, context, False)
+        report["verify_step"] = compile_report(lower_decode_step(config, devices[0], batch, context, VERIFY_TOKENS),
+                                               topo.hbm_bytes)
+        report["verify_step"]["model_flops_per_chip"] = model_flops(config, batch * VERIFY_TOKENS, context, False)
     return report
 

@@ -4,8 +4,8 @@
     out = attention(q, k, v, lengths, *plan_tables(plan, H, KV))        # CHAI clustered heads
 
 Shapes and meaning: `reference.py`. `impl`: "auto" (the TPU kernel on TPU; the jnp reference
-elsewhere, since no GPU kernel is built yet), "reference", or "pallas" (the TPU kernel; on CPU only
-with `interpret=True`, which runs it slowly, for checks).
+elsewhere, since no GPU kernel is built yet), "reference", or "pallas" (the TPU kernel: on a TPU,
+lowered for TPU chips from a CPU host, or with `interpret=True` on CPU, slowly, for checks).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, q_he
         impl = "pallas" if backend == "tpu" else "reference"
     if impl == "reference":
         return attention_reference(q, k, v, lengths, q_head, k_head, v_head)
-    if backend != "tpu" and not interpret:
-        raise KernelError(f"the Pallas attention kernel is built for TPU only; on {backend} pass "
-                          f"interpret=True (a slow simulation, for checks) or impl='reference'")
+    # Not refused off TPU: a CPU host lowers it for TPU chips (`training.aot`); run on a CPU
+    # without interpret=True, Pallas itself stops it ("only interpret mode is supported").
     return attention_tpu(q, k, v, lengths, q_head, k_head, v_head,
                          block_k=block_k or default_block_k(k.shape[2]), interpret=interpret)
