@@ -126,9 +126,14 @@ def _check_cache(state: KVState, k_new: jax.Array, v_new: jax.Array, plan: Atten
             f"KVCache.create(..., k_slots=attention_plan.k_slots(config, plans)) for the same plans")
 
 
-def _uses_kernel(impl: str) -> bool:
-    """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU."""
-    return impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
+KERNEL_MAX_QUERIES = 16  # the kernels serve decoding and verification; a prefill takes the jnp path
+
+
+def _uses_kernel(impl: str, num_queries: int) -> bool:
+    """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU, for up to
+    KERNEL_MAX_QUERIES new tokens per row."""
+    wanted = impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
+    return wanted and num_queries <= KERNEL_MAX_QUERIES
 
 
 def kernel_attention(q: jax.Array, state: KVState, positions: jax.Array, plan: AttentionPlan | None,
@@ -163,7 +168,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | No
     else:
         _check_cache(state, k_new, v_new, plan)
         state = (write_rows(state[0], k_new, write_at), write_rows(state[1], v_new, write_at))
-        if _uses_kernel(impl):
+        if _uses_kernel(impl, q.shape[1]):
             return kernel_attention(q, state, positions, plan, interpret), state
         keys, values = state[0].astype(k_new.dtype), state[1].astype(v_new.dtype)
         k_pos = jnp.arange(keys.shape[1])

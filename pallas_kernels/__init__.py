@@ -3,9 +3,10 @@ picks the implementation by backend (`impl=` overrides it for tests and checks).
 
 - `attention.attention`: index-mapped attention for S_q new tokens per row against the KV cache
   (decoding: S_q = 1; verifying a draft: d + 1), per-row tables covering dense, GQA and CHAI.
-  Built: the jnp reference and the Mosaic TPU kernel, wired into the model's cached attention
-  (`KVCache.attention_impl`, `generate(attention_impl=, interpret=)`, `--attention-impl`). Not yet
-  built: the GPU kernels, head-sparse tables, the GPU suite.
+  Built: the jnp reference, the Mosaic TPU kernel and a Pallas Triton GPU kernel, the TPU one
+  wired into the model's cached attention (`KVCache.attention_impl`, `generate(attention_impl=,
+  interpret=)`, `--attention-impl`). Not yet built: a Mosaic GPU (Hopper) kernel, head-sparse
+  tables, the GPU suite.
 """
 
 

@@ -1,6 +1,7 @@
-"""Index-mapped attention (`pallas_kernels.attention`): the TPU kernel in interpret mode against the
-jnp reference over many shapes and tables, the reference against the model's own attention (dense
-GQA and a CHAI plan), the errors, and the kernel compiled for real TPUs (v5e, v6e) through libtpu."""
+"""Index-mapped attention (`pallas_kernels.attention`): the TPU and GPU kernels in interpret mode
+against the jnp reference over many shapes and tables, the reference against the model's own
+attention (dense GQA and a CHAI plan), the errors, the TPU kernel compiled for real TPUs (v5e, v6e)
+through libtpu, and the GPU kernel lowered for cuda."""
 
 import importlib.util
 
@@ -27,18 +28,20 @@ def _qkv(rng, b, num_q, hq, ck, kv, s, hd, dtype):
 @st.composite
 def cases(draw):
     kv, groups = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 3, 8]))
-    b, num_q, block_k = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 5])), draw(st.sampled_from([8, 16]))
+    kernel = draw(st.sampled_from(["tpu", "gpu"]))
+    b, num_q = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 5]))
+    block_k = draw(st.sampled_from([8, 16] if kernel == "tpu" else [16, 32]))  # Triton: powers of two >= 16
     s = block_k * draw(st.integers(3, 4))  # at least 3 key blocks (interpret-mode regressions hid there)
     h, ck = kv * groups, draw(st.integers(1, 3))
     lengths = draw(st.lists(st.sampled_from([0, 1, s - num_q + 1, s // 2, 7]), min_size=b, max_size=b))
     seed = draw(st.integers(0, 2 ** 16))
-    return dict(b=b, num_q=num_q, h=h, kv=kv, ck=ck, s=s, block_k=block_k, lengths=lengths, seed=seed,
+    return dict(b=b, num_q=num_q, h=h, kv=kv, ck=ck, s=s, block_k=block_k, lengths=lengths, seed=seed, kernel=kernel,
                 dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])), identity=draw(st.booleans()))
 
 
-@settings(max_examples=24, deadline=None)
+@settings(max_examples=32, deadline=None)
 @given(cases())
-def test_the_tpu_kernel_matches_the_reference(case):
+def test_the_kernels_match_the_reference(case):
     rng = np.random.default_rng(case["seed"])
     b, h, kv, ck = case["b"], case["h"], case["kv"], case["ck"]
     q, k, v = _qkv(rng, b, case["num_q"], h, ck if not case["identity"] else kv, kv, case["s"], 64, case["dtype"])
@@ -49,7 +52,7 @@ def test_the_tpu_kernel_matches_the_reference(case):
     lengths = jnp.asarray(case["lengths"], jnp.int32)
     want = attention_reference(q, k, v, lengths, *tables)
     got = jax.block_until_ready(attention(q, k, v, lengths, *tables, impl="pallas", interpret=True,
-                                          block_k=case["block_k"]))
+                                          block_k=case["block_k"], kernel=case["kernel"]))
     tol = 1e-5 if case["dtype"] == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
 
@@ -95,6 +98,10 @@ def test_the_errors_name_the_fix():
         attention(*args, impl="pallas", interpret=True, block_k=16)
     with pytest.raises(KernelError, match="multiple of 8"):
         attention(*args, impl="pallas", interpret=True, block_k=12)
+    with pytest.raises(KernelError, match="block_k=24: the Triton kernel needs a power of two"):
+        attention(*args, impl="pallas", interpret=True, block_k=24, kernel="gpu")
+    with pytest.raises(KernelError, match="kernel must be one of"):
+        attention(*args, impl="pallas", interpret=True, kernel="metal")
 
 
 @needs_libtpu
@@ -133,3 +140,17 @@ def test_smollm2_decode_and_verify_steps_compile_for_tpu_with_the_kernel(chip):
         lowered = lower_decode_step(config, device, 8, 2048, new_tokens)
         assert "tpu_custom_call" in lowered.as_text()
         assert compile_report(lowered, topo.hbm_bytes)["fits"] is True
+
+
+@pytest.mark.parametrize("num_q,dtype", [(1, jnp.bfloat16), (5, jnp.bfloat16), (1, jnp.float32)])
+def test_the_gpu_kernel_lowers_for_cuda(num_q, dtype):
+    """The Triton kernel lowered for cuda on this CPU (Triton's block rules; PTX needs a GPU):
+    SmolLM2's attention shapes (9 query heads, 3 KV heads), a 2048-key cache."""
+    from pallas_kernels.attention.gpu import attention_gpu
+
+    b, h, kv, s, hd = 4, 9, 3, 2048, 64
+    args = [jax.ShapeDtypeStruct((b, num_q, h, hd), dtype), jax.ShapeDtypeStruct((b, kv, s, hd), dtype),
+            jax.ShapeDtypeStruct((b, kv, s, hd), dtype), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    args += [jax.ShapeDtypeStruct((b, h), jnp.int32)] * 3
+    lowered = jax.jit(lambda *a: attention_gpu(*a, block_k=128)).trace(*args).lower(lowering_platforms=("cuda",))
+    assert "__gpu$xla.gpu.triton" in lowered.as_text()

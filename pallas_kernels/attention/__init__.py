@@ -4,8 +4,10 @@
     out = attention(q, k, v, lengths, *plan_tables(plan, H, KV))        # CHAI clustered heads
 
 Shapes and meaning: `reference.py`. `impl`: "auto" (the TPU kernel on TPU; the jnp reference
-elsewhere, since no GPU kernel is built yet), "reference", or "pallas" (the TPU kernel: on a TPU,
-lowered for TPU chips from a CPU host, or with `interpret=True` on CPU, slowly, for checks).
+elsewhere: the GPU kernel has not been run on a GPU yet), "reference", or "pallas" (a Pallas kernel:
+on its device, lowered for it from a CPU host, or with `interpret=True` on CPU, slowly, for checks).
+`kernel` picks which: "tpu" (`tpu.py`, Mosaic) or "gpu" (`gpu.py`, Triton); default: "gpu" on a
+GPU, else "tpu".
 """
 
 from __future__ import annotations
@@ -15,22 +17,32 @@ import jax
 from pallas_kernels import KernelError
 from pallas_kernels.attention.reference import attention_reference, visible_keys
 from pallas_kernels.attention.tables import gqa_tables, plan_tables
+from pallas_kernels.attention.gpu import attention_gpu
 from pallas_kernels.attention.tpu import attention_tpu
 
-__all__ = ["attention", "attention_reference", "attention_tpu", "gqa_tables", "plan_tables", "visible_keys",
-           "IMPLS", "default_block_k"]
+__all__ = ["attention", "attention_reference", "attention_tpu", "attention_gpu", "gqa_tables", "plan_tables",
+           "visible_keys", "IMPLS", "KERNELS", "default_block_k"]
 
 IMPLS = ("auto", "reference", "pallas")
 
 
-def default_block_k(cache_len: int) -> int:
-    """The largest of 512 / 256 / 128 keys dividing the cache length, else the whole cache."""
-    return next((bk for bk in (512, 256, 128) if cache_len % bk == 0), cache_len)
+KERNELS = ("tpu", "gpu")
+
+
+def default_block_k(cache_len: int, kernel: str = "tpu") -> int:
+    """TPU: the largest of 512 / 256 / 128 keys dividing the cache length, else the whole cache.
+    GPU: the largest of 128 / 64 / 32 / 16 dividing it (KernelError if none does)."""
+    if kernel == "tpu":
+        return next((bk for bk in (512, 256, 128) if cache_len % bk == 0), cache_len)
+    block = next((bk for bk in (128, 64, 32, 16) if cache_len % bk == 0), None)
+    if block is None:
+        raise KernelError(f"the GPU kernel needs a cache length divisible by 16, got {cache_len}")
+    return block
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, q_head: jax.Array,
               k_head: jax.Array, v_head: jax.Array, *, impl: str = "auto", interpret=False,
-              block_k: int | None = None) -> jax.Array:
+              block_k: int | None = None, kernel: str | None = None) -> jax.Array:
     """q [B, S_q, Hq, hd], k [B, Ck, S, hd], v [B, KV, S, hd], lengths [B] (keys visible to the first
     query), tables [B, H] -> [B, S_q, H, hd]. KernelError for an impl that cannot run here."""
     if impl not in IMPLS:
@@ -40,7 +52,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, q_he
         impl = "pallas" if backend == "tpu" else "reference"
     if impl == "reference":
         return attention_reference(q, k, v, lengths, q_head, k_head, v_head)
-    # Not refused off TPU: a CPU host lowers it for TPU chips (`training.aot`); run on a CPU
+    kernel = kernel or ("gpu" if backend == "gpu" else "tpu")
+    if kernel not in KERNELS:
+        raise KernelError(f"kernel must be one of {KERNELS}, got '{kernel}'")
+    # Not refused off its device: a CPU host lowers it for TPU chips (`training.aot`); run on a CPU
     # without interpret=True, Pallas itself stops it ("only interpret mode is supported").
-    return attention_tpu(q, k, v, lengths, q_head, k_head, v_head,
-                         block_k=block_k or default_block_k(k.shape[2]), interpret=interpret)
+    run = attention_tpu if kernel == "tpu" else attention_gpu
+    return run(q, k, v, lengths, q_head, k_head, v_head, block_k=block_k or default_block_k(k.shape[2], kernel),
+               interpret=interpret)
