@@ -5,8 +5,8 @@ picks the implementation by backend (`impl=` overrides it for tests and checks).
   (decoding: S_q = 1; verifying a draft: d + 1), per-row tables covering dense, GQA and CHAI.
   Built: the jnp reference, the Mosaic TPU kernel and a Pallas Triton GPU kernel, the TPU one
   wired into the model's cached attention (`KVCache.attention_impl`, `generate(attention_impl=,
-  interpret=)`, `--attention-impl`). Not yet built: a Mosaic GPU (Hopper) kernel, head-sparse
-  tables, the GPU suite.
+  interpret=)`, `--attention-impl`); dense / GQA, CHAI and head-sparse tables. Not yet built: a
+  Mosaic GPU (Hopper) kernel, the GPU suite.
 """
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from jaxmodels.attention import clustered_attention, gqa_attention
 from jaxmodels.attention_plan import cluster_plan
 from pallas_kernels import KernelError
-from pallas_kernels.attention import attention, attention_reference, gqa_tables, plan_tables
+from pallas_kernels.attention import attention, attention_reference, gqa_tables, head_sparse_tables, plan_tables
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (pip install -e '.[test]' brings it)")
@@ -154,3 +154,20 @@ def test_the_gpu_kernel_lowers_for_cuda(num_q, dtype):
     args += [jax.ShapeDtypeStruct((b, h), jnp.int32)] * 3
     lowered = jax.jit(lambda *a: attention_gpu(*a, block_k=128)).trace(*args).lower(lowering_platforms=("cuda",))
     assert "__gpu$xla.gpu.triton" in lowered.as_text()
+
+
+@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+def test_head_sparse_tables_compute_only_the_active_heads(kernel):
+    """Deja Vu's head sparsity as tables: the output for K active heads per row equals those
+    heads of dense attention, in both kernels (interpret mode)."""
+    rng = np.random.default_rng(4)
+    b, h, kv, s, hd = 2, 8, 2, 48, 32
+    q, k, v = _qkv(rng, b, 2, h, kv, kv, s, hd, jnp.float32)
+    lengths = jnp.asarray([17, 40], jnp.int32)
+    active = jnp.asarray([[0, 5, 7], [2, 3, 6]], jnp.int32)  # different heads per row
+    dense = attention_reference(q, k, v, lengths, *gqa_tables(b, h, kv))  # [B, S_q, H, hd]
+    want = jnp.take_along_axis(dense, active[:, None, :, None], axis=2)
+    tables = head_sparse_tables(active, h, kv)
+    got = jax.block_until_ready(attention(q, k, v, lengths, *tables, impl="pallas", interpret=True, block_k=16,
+                                          kernel=kernel))
+    np.testing.assert_allclose(got, want, atol=1e-5)

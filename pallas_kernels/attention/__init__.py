@@ -2,6 +2,7 @@
 
     out = attention(q, k, v, lengths, *gqa_tables(B, H, KV))            # dense / GQA
     out = attention(q, k, v, lengths, *plan_tables(plan, H, KV))        # CHAI clustered heads
+    out = attention(q, k, v, lengths, *head_sparse_tables(active, H, KV))  # active heads only [B, S_q, K, hd]
 
 Shapes and meaning: `reference.py`. `impl`: "auto" (the TPU kernel on TPU; the jnp reference
 elsewhere: the GPU kernel has not been run on a GPU yet), "reference", or "pallas" (a Pallas kernel:
@@ -16,12 +17,12 @@ import jax
 
 from pallas_kernels import KernelError
 from pallas_kernels.attention.reference import attention_reference, visible_keys
-from pallas_kernels.attention.tables import gqa_tables, plan_tables
+from pallas_kernels.attention.tables import gqa_tables, head_sparse_tables, plan_tables
 from pallas_kernels.attention.gpu import attention_gpu
 from pallas_kernels.attention.tpu import attention_tpu
 
-__all__ = ["attention", "attention_reference", "attention_tpu", "attention_gpu", "gqa_tables", "plan_tables",
-           "visible_keys", "IMPLS", "KERNELS", "default_block_k"]
+__all__ = ["attention", "attention_reference", "attention_tpu", "attention_gpu", "gqa_tables", "head_sparse_tables",
+           "plan_tables", "visible_keys", "IMPLS", "KERNELS", "default_block_k"]
 
 IMPLS = ("auto", "reference", "pallas")
 

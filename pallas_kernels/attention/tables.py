@@ -25,3 +25,12 @@ def plan_tables(plan: AttentionPlan, num_heads: int, num_kv_heads: int) -> Table
     k_head = rep // plan.reps_per_slot
     _, v_head, _ = gqa_tables(rep.shape[0], num_heads, num_kv_heads)
     return q_head, k_head, v_head
+
+
+def head_sparse_tables(active: jax.Array, num_heads: int, num_kv_heads: int) -> Tables:
+    """Head sparsity (Deja Vu): only the query heads in `active` [B, K] are computed; output head i
+    is head active[b, i] (its own query, its KV head's keys and values). The caller scatters the
+    [B, S_q, K, hd] result back, or feeds it to the matching rows of the output projection."""
+    active = jnp.asarray(active, jnp.int32)
+    kv = active // (num_heads // num_kv_heads)
+    return active, kv, kv
