@@ -28,7 +28,7 @@ from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from jaxmodels.model import forward, unstack_layers
 from jaxmodels.params import decode_layout
-from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, weight_bytes
+from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, cpu_flags, weight_bytes
 
 PROMPTS = [
     "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
@@ -44,9 +44,8 @@ PROMPTS = [
 
 def cpu_extensions() -> str:
     """The vector / matrix instruction sets this CPU reports (what XLA and oneDNN can use)."""
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if not flags:
         return "unknown"
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "avx_vnni")
     return ", ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512/AMX"

@@ -124,7 +124,8 @@ def convert_weights(params: dict[str, Any], weights: str) -> dict[str, Any]:
     return out
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The instruction-set flags this CPU reports in /proc/cpuinfo (empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
@@ -139,7 +140,7 @@ def cpu_decoding_note(weights: str) -> str | None:
     (`benchmarks/matvec_dtypes.py`; on a 2-core AVX2 EPYC: 0.39-1.19x float32's tokens/s)."""
     if weights == "float32" or jax.default_backend() != "cpu":
         return None
-    if weights == "bfloat16" and _cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if weights == "bfloat16" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         return None  # not measured on such a CPU: no claim either way
     return (f"{weights} weights on this CPU are converted to float32 inside the compiled decode program, "
             f"once per call: decoding reads float32 copies, so it saves neither time nor memory (BENCHMARKS.md, "

@@ -117,9 +117,9 @@ def test_self_speculation_in_bfloat16_agrees_with_greedy_up_to_rounding(model):
 def test_the_cpu_note_says_int8_and_bf16_without_bf16_hardware_do_not_pay(monkeypatch):
     import jaxmodels.quantize as quantize
     assert quantize.cpu_decoding_note("float32") is None
-    monkeypatch.setattr(quantize, "_cpu_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "fma"})
     assert "int8 weights" in quantize.cpu_decoding_note("int8")
     assert "float32 copies" in quantize.cpu_decoding_note("bfloat16")
-    monkeypatch.setattr(quantize, "_cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
     assert quantize.cpu_decoding_note("bfloat16") is None  # not measured there: no claim
     assert quantize.cpu_decoding_note("int8") is not None  # int8 is multiplied in float32 everywhere
