@@ -171,3 +171,26 @@ def test_head_sparse_tables_compute_only_the_active_heads(kernel):
     got = jax.block_until_ready(attention(q, k, v, lengths, *tables, impl="pallas", interpret=True, block_k=16,
                                           kernel=kernel))
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _needed_blocks(lengths, num_q, block_k):
+    """Key blocks a row must read: through its last query's last visible key, at least one."""
+    return [max(-(-(n + num_q - 1) // block_k), 1) for n in lengths]
+
+
+@pytest.mark.parametrize("num_q", [1, 5])
+def test_the_tpu_kernel_fetches_each_needed_block_once(num_q):
+    """Replaying the TPU kernel's index maps as Pallas's pipeline copies (a copy whenever a block
+    index changes between consecutive grid steps): GQA groups and CHAI clusters read each K / V
+    block their tables need exactly once per row, nothing past a row's length, nothing twice."""
+    from pallas_kernels.attention.tpu import fetched_blocks
+
+    b, h, kv, block_k, num_blocks = 3, 9, 3, 16, 8
+    lengths = [0, 37, 128 - num_q + 1]
+    needed = sum(_needed_blocks(lengths, num_q, block_k))
+    k_blocks, v_blocks = fetched_blocks(*gqa_tables(b, h, kv)[1:], lengths, num_q, block_k, num_blocks)
+    assert (k_blocks, v_blocks) == (kv * needed, kv * needed)  # per query head, it was 3x this
+    labels = jnp.asarray([[0, 1, 0, 2, 1, 3, 2, 3, 3]] * b)  # CHAI on 9 MHA heads: 4 clusters
+    _, k_head, v_head = plan_tables(cluster_plan(labels, 4, h), h, h)
+    k_blocks, v_blocks = fetched_blocks(k_head, v_head, lengths, num_q, block_k, num_blocks)
+    assert (k_blocks, v_blocks) == (4 * needed, h * needed)  # the 2H / (H + C) ceiling's bytes
