@@ -12,7 +12,7 @@ Parts, each bounded by a share of `--minutes` (rows past it are listed as skippe
 3. SmolLM2-135M-shaped bf16 decoding, batch 1 / 8 / 64, jnp attention and the kernel, against the
    roofline (batch x measured bandwidth / bytes per step);
 4. LayerSkip self-speculation against plain decoding on the main job's model trained in this run.
-Writes one section to BENCHMARKS.md named after the device (not in --tiny mode).
+Writes one section to BENCHMARKS.md, the device named in it (not in --tiny mode).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         with open(args.json, "w") as f:
             json.dump({"tables": tables, "notes": notes, "bandwidth": bandwidth}, f, indent=1, default=str)
     if not (args.tiny or args.no_append):
-        publish_report(f"{TITLE} ({device_name()})", command_line("benchmarks.gpu_suite", argv), body)
+        publish_report(TITLE, command_line("benchmarks.gpu_suite", argv), body)
     return body
 
 

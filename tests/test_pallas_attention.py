@@ -194,3 +194,21 @@ def test_the_tpu_kernel_fetches_each_needed_block_once(num_q):
     _, k_head, v_head = plan_tables(cluster_plan(labels, 4, h), h, h)
     k_blocks, v_blocks = fetched_blocks(k_head, v_head, lengths, num_q, block_k, num_blocks)
     assert (k_blocks, v_blocks) == (4 * needed, h * needed)  # the 2H / (H + C) ceiling's bytes
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_the_gpu_kernels_key_splits_merge_to_the_reference(splits):
+    """Flash-decoding splits: 8 key blocks over 1, 2 or 4 programs per (row, head), rows whose keys
+    end in the first split (the others see nothing), in the middle, and fill the cache."""
+    from pallas_kernels.attention.gpu import attention_gpu, default_splits
+
+    rng = np.random.default_rng(splits)
+    b, h, kv, s, num_q = 4, 4, 2, 128, 2
+    q, k, v = _qkv(rng, b, num_q, h, kv, kv, s, 16, jnp.float32)
+    lengths = jnp.asarray([0, 5, 70, s - num_q + 1], jnp.int32)
+    tables = gqa_tables(b, h, kv)
+    got = attention_gpu(q, k, v, lengths, *tables, block_k=16, splits=splits, interpret=True)
+    np.testing.assert_allclose(got, attention_reference(q, k, v, lengths, *tables), atol=1e-5)
+    assert default_splits(1, 32, 256) == 8 and default_splits(64, 32, 256) == 1 and default_splits(1, 9, 6) == 6
+    with pytest.raises(KernelError, match="splits=3 must divide the 8 key blocks"):
+        attention_gpu(q, k, v, lengths, *tables, block_k=16, splits=3, interpret=True)
