@@ -54,34 +54,32 @@ def decode_rows(s, budget: Budget, bandwidth: float) -> tuple[list[list], list[s
     return [header, *rows], notes
 
 
-def train_layerskip(s) -> tuple[str, object, float]:
-    """Train the LayerSkip preset (the main job's recipe) for the suite's steps; (model folder,
-    data set, training seconds)."""
+def train_layerskip(s):
+    """Train the LayerSkip preset (the main job's recipe) for the suite's steps, in a folder removed
+    afterwards; (config, params in the decoding layout, held-out data, training seconds)."""
+    from jaxmodels.convert import load_model
+    from jaxmodels.model import unstack_layers
     from training.config import load_config
     from training.data import prepare_data
     from training.train import train
 
-    out = tempfile.mkdtemp(prefix="gpu_suite_layerskip_")
-    overrides = {"run.out_dir": out, "run.decode_report": False, "run.sample_tokens": 0,
-                 "checkpoint.enabled": False, "run.progress": False, **s.layerskip_overrides}
-    cfg = load_config("layerskip", overrides=overrides)
-    summary = train(cfg)
-    from jaxmodels.convert import load_model
-    _, _, tok = load_model(f"{out}/model")
+    with tempfile.TemporaryDirectory(prefix="gpu_suite_layerskip_") as out:
+        overrides = {"run.out_dir": out, "run.decode_report": False, "run.sample_tokens": 0,
+                     "checkpoint.enabled": False, "run.progress": False, **s.layerskip_overrides}
+        cfg = load_config("layerskip", overrides=overrides)
+        summary = train(cfg)
+        config, params, tok = load_model(f"{out}/model")
     data = prepare_data(cfg.data, cfg.run.seq_len, cfg.run.seed, tokenizer=tok)
-    return f"{out}/model", data, summary["train_seconds"]
+    params = decode_layout(unstack_layers(jax.tree_util.tree_map(jnp.asarray, params)))
+    return config, params, data, summary["train_seconds"]
 
 
 def layerskip_rows(s, budget: Budget) -> tuple[list[list], list[str]]:
     """Plain greedy decoding against self-speculation (fixed E, d) on held-out code, per batch:
     tokens/s, acceptance, speed-up and whether the tokens equal plain greedy decoding's."""
     from benchmarks.layerskip import heldout_prompts
-    from jaxmodels.convert import load_model
-    from jaxmodels.model import unstack_layers
 
-    model_dir, data, train_s = train_layerskip(s)
-    config, params, _ = load_model(model_dir)
-    params = decode_layout(unstack_layers(jax.tree_util.tree_map(jnp.asarray, params)))
+    config, params, data, train_s = train_layerskip(s)
     prompts, _ = heldout_prompts(data)
     rows, notes = [], [f"trained {s.layerskip_overrides.get('run.steps', 'the preset')} steps in {train_s:.0f} s"]
     for batch in s.layerskip_batches:
