@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inference.engine import generate, generate_batches
+from inference.engine import cache_dtype, generate, generate_batches
 from inference.speculative import SpecConfig
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
@@ -91,7 +91,7 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
     for n in measured:
         h = jax.random.normal(jax.random.key(n), (batch_size, n, dim), params["embed"].dtype)
         positions = jnp.broadcast_to(start + jnp.arange(n), (batch_size, n))
-        cache = KVCache.create(config, batch_size, cache_len, params["embed"].dtype)
+        cache = KVCache.create(config, batch_size, cache_len, cache_dtype(params["embed"].dtype))
 
         @jax.jit
         def layer_loop(params, h, cache):

@@ -170,8 +170,9 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | No
         state = (write_rows(state[0], k_new, write_at), write_rows(state[1], v_new, write_at))
         if _uses_kernel(impl, q.shape[1]):
             return kernel_attention(q, state, positions, plan, interpret), state
-        keys, values = state[0].astype(k_new.dtype), state[1].astype(v_new.dtype)
+        keys, values = state  # attended in the cache's dtype: a cast would copy every buffer each step
         k_pos = jnp.arange(keys.shape[1])
+    qc = q.astype(keys.dtype)
     if plan is None:
-        return gqa_attention(q, keys, values, positions, k_pos), state
-    return clustered_attention(q, keys, values, positions, k_pos, plan), state
+        return gqa_attention(qc, keys, values, positions, k_pos).astype(q.dtype), state
+    return clustered_attention(qc, keys, values, positions, k_pos, plan).astype(q.dtype), state
