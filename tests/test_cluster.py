@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_DISTRIBUTED_TIMEOUT": "60"}  
 LIMIT = 120  # seconds, any launch
 
 ALLGATHER = textwrap.dedent("""
-    import os
+    import faulthandler, os, signal
+    faulthandler.register(signal.SIGTERM, chain=True)  # a hung process shows where when the launcher stops it
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
@@ -132,8 +134,18 @@ def test_child_env_replaces_the_device_count_and_keeps_other_flags():
     assert child_env({}, 0, 1, 2, "h:1")["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
 
 
+def _hung_in_shutdown(code: int, out: str) -> bool:
+    """Both processes gathered, one exited 0 and the other never ended: a rare hang inside
+    jax.distributed.shutdown (seen once in about 20 CI runs under `-n 2`, not reproduced in 85 launches
+    beside a loaded CPU), not a cluster that failed to form."""
+    return code == 124 and out.count(" gathered [0, 1];") == 2 and "had exited 0" in out
+
+
 def test_two_processes_form_one_cluster():
-    code, out, seconds = _launch(_python(ALLGATHER), devices_per_process=2)
+    code, out, seconds = _launch(_python(ALLGATHER), devices_per_process=2, timeout=60)
+    if _hung_in_shutdown(code, out):  # once: a second hang fails the test
+        warnings.warn(f"a process hung in jax.distributed.shutdown; launching again. Its output:\n{out}")
+        code, out, seconds = _launch(_python(ALLGATHER), devices_per_process=2, timeout=60)
     assert code == 0, out
     for i in range(2):  # 8 fake devices in this test process; the children got 2 each
         assert re.search(rf"^\[p{i}\] process {i} of 2 gathered \[0, 1\]; devices 2 local, 4 global; "
@@ -158,8 +170,16 @@ def test_a_failing_process_ends_the_others(sleeper, tmp_path):
 def test_timeout_ends_everything(tmp_path):
     code, out, seconds = _launch(_python(SLEEP, tmp_path), timeout=2.0)
     assert code == 124, out
-    assert "cluster: timed out after 2 s; stopped 2 running process(es)" in out
+    assert "cluster: timed out after 2 s; stopped 2 running process(es) (0, 1)" in out
     assert 2.0 <= seconds < 15 and all(_gone(int(p.read_text())) for p in tmp_path.iterdir())
+
+
+def test_a_timeout_names_the_process_that_hung_after_its_peer_exited():
+    script = "import os, sys, time\nif os.environ['JAX_PROCESS_ID'] == '0': time.sleep(600)\n"
+    code, out, seconds = _launch(_python(script), timeout=3.0)
+    assert code == 124, out
+    assert re.search(r"^cluster: timed out after 3 s; stopped 1 running process\(es\) \(0\); "
+                     r"process 1 had exited 0 after [0-3] s$", out, re.M), out
 
 
 def test_lines_arrive_whole_with_their_prefix():

@@ -328,9 +328,11 @@ def _supervise(procs: list[subprocess.Popen], timeout: float | None, grace: floa
                signals: _Signals) -> tuple[int, str | None]:
     """Wait until every process succeeds, one fails, `timeout` passes or the launcher gets a signal;
     returns the exit code and the message to print (after the stopped processes' last lines)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, ended = None if timeout is None else start + timeout, {}
     while True:
         codes = [p.poll() for p in procs]
+        ended.update({i: time.monotonic() - start for i, code in enumerate(codes) if code == 0 and i not in ended})
         failed = [i for i, code in enumerate(codes) if code not in (None, 0)]
         if failed:
             words, exit_code = _describe(codes[failed[0]])
@@ -343,8 +345,11 @@ def _supervise(procs: list[subprocess.Popen], timeout: float | None, grace: floa
             stopped = _stop(procs, grace, signals)
             return 128 + signals.received[0], f"{_SIGNAL_NAMES[signals.received[0]]}: stopped {stopped} process(es)"
         if deadline is not None and time.monotonic() >= deadline:
+            running = [str(i) for i, code in enumerate(codes) if code is None]
             stopped = _stop(procs, grace, signals)
-            return EXIT_TIMEOUT, f"timed out after {timeout:g} s; stopped {stopped} running process(es)"
+            done = "".join(f"; process {i} had exited 0 after {s:.0f} s" for i, s in sorted(ended.items()))
+            return EXIT_TIMEOUT, (f"timed out after {timeout:g} s; stopped {stopped} running process(es) "
+                                  f"({', '.join(running)}){done}")
         signals.event.wait(0.05)
 
 
