@@ -135,12 +135,13 @@ def cpu_flags() -> set[str]:
 
 def cpu_decoding_note(weights: str) -> str | None:
     """Why `weights` will not decode faster than float32 on this machine, or None where that is not
-    known. XLA:CPU multiplies an int8 weight (always) and a bf16 weight (without AVX512-BF16 / AMX)
-    in float32 and moves the conversion out of the decode loop: the loop reads float32 copies
-    (`benchmarks/matvec_dtypes.py`; on a 2-core AVX2 EPYC: 0.39-1.19x float32's tokens/s)."""
+    known. XLA:CPU multiplies an int8 weight (always) and a bf16 weight (measured without AMX: on AVX2
+    and on an AVX512-BF16 EPYC) in float32 and moves the conversion out of the decode loop: the loop
+    reads float32 copies (`benchmarks/matvec_dtypes.py`; SmolLM2 bf16 at 0.88-0.97x float32's
+    tokens/s on a 2-core AVX512-BF16 EPYC, 2026-12-03). A CPU with AMX was never measured."""
     if weights == "float32" or jax.default_backend() != "cpu":
         return None
-    if weights == "bfloat16" and cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+    if weights == "bfloat16" and "amx_bf16" in cpu_flags():
         return None  # not measured on such a CPU: no claim either way
     return (f"{weights} weights on this CPU are converted to float32 inside the compiled decode program, "
             f"once per call: decoding reads float32 copies, so it saves neither time nor memory (BENCHMARKS.md, "

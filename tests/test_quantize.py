@@ -114,11 +114,13 @@ def test_self_speculation_in_bfloat16_agrees_with_greedy_up_to_rounding(model):
     assert sum(prefix) >= 0.5 * sum(map(len, plain)), (prefix, plain, spec)
 
 
-def test_the_cpu_note_says_int8_and_bf16_without_bf16_hardware_do_not_pay(monkeypatch):
+def test_the_cpu_note_says_int8_and_bf16_without_amx_do_not_pay(monkeypatch):
     import jaxmodels.quantize as quantize
     assert quantize.cpu_decoding_note("float32") is None
     monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "fma"})
     assert "int8 weights" in quantize.cpu_decoding_note("int8")
+    assert "float32 copies" in quantize.cpu_decoding_note("bfloat16")
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})  # measured: Zen 4
     assert "float32 copies" in quantize.cpu_decoding_note("bfloat16")
     monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "avx512_bf16", "amx_bf16"})
     assert quantize.cpu_decoding_note("bfloat16") is None  # not measured there: no claim
