@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from training import cluster
-from training.cluster import NetworkError, child_env, launch, parse_rate
+from training import cluster, netns
+from training.cluster import child_env, launch
+from training.netns import NetworkError, parse_rate
 from training.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -266,22 +267,22 @@ def test_a_second_ctrl_c_kills_at_once(tmp_path):
 
 # -------------------------------------------------------------------------------------------- network
 
-NO_NETWORK = cluster.network_problem()
+NO_NETWORK = netns.network_problem()
 needs_network = pytest.mark.skipif(NO_NETWORK is not None, reason=f"no shaped network here: {NO_NETWORK}")
 
 
 @pytest.fixture(scope="module")
 def no_netem():
     """Why --latency cannot work here (None: it can)."""
-    return cluster.network_problem(latency=True)
+    return netns.network_problem(latency=True)
 
 
 def _leftovers(pid: int) -> list[str]:
     """This launcher pid's namespaces and /etc/netns folders that still exist."""
-    prefix = f"{cluster.NAMESPACE_PREFIX}{pid}-"
+    prefix = f"{netns.NAMESPACE_PREFIX}{pid}-"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     names = [line.split()[0] for line in listed.splitlines() if line.startswith(prefix)]
-    etc = [p.name for p in cluster.ETC_NETNS.glob(prefix + "*")] if cluster.ETC_NETNS.exists() else []
+    etc = [p.name for p in netns.ETC_NETNS.glob(prefix + "*")] if netns.ETC_NETNS.exists() else []
     return names + etc
 
 
@@ -360,7 +361,7 @@ def test_latency_without_netem_is_one_clear_error(no_netem, capsys):
 @pytest.mark.parametrize("ending", ["failure", "timeout", "setup-error"])
 def test_namespaces_are_removed_however_a_launch_ends(ending, tmp_path, monkeypatch):
     if ending == "setup-error":  # the second tc call fails: what was built so far must go
-        real, calls = cluster._run, []
+        real, calls = netns._run, []
 
         def failing(command):
             calls.append(command)
@@ -368,7 +369,7 @@ def test_namespaces_are_removed_however_a_launch_ends(ending, tmp_path, monkeypa
                 raise NetworkError("tc failed (on purpose)")
             real(command)
 
-        monkeypatch.setattr(cluster, "_run", failing)
+        monkeypatch.setattr(netns, "_run", failing)
         with pytest.raises(NetworkError, match="on purpose"):
             launch(["true"], 2, bandwidth="1gbit")
     elif ending == "failure":
