@@ -80,7 +80,7 @@ def classify(name: str, ops: dict[str, dict], weight_shapes: set[str], head_shap
     """The op class of one executed instruction, from its opcode and what it reads."""
     info = ops[name]
     shapes = {ops[o]["shape"].split("{")[0] for o in info["operands"] if o in ops}
-    is_matmul = info["op"] == "dot" or "dot" in name or "ynn" in name or "xnn" in name
+    is_matmul = info["op"] in ("dot", "custom-call") or "dot" in name or "ynn" in name or "xnn" in name
     if head_shapes & shapes and is_matmul:
         return "LM head matmul"
     if shapes & weight_shapes and is_matmul:

@@ -7,23 +7,28 @@ speed float32 is read; converting them to float32 first (in the loop, or hoisted
 the bytes back. This isolates that question from the rest of the model: SmolLM2-135M's 210 layer
 matmul weights (the GGUF's values), in each format as `convert_weights` + `decode_layout` store them
 for decoding, multiplied through `layers.dense` (the model's one matmul) inside a `fori_loop` of
-`--steps` iterations, as the decode loop runs them. Per row: ms per step, GB/s of the bytes the format
-stores, time relative to float32, and whether the compiled loop converts weights inside its body
-or carries converted (float32) weights hoisted out of it. Formats alternate within each repeat.
+`--steps` iterations, as the decode loop runs them, once through XLA's dot and once through the CPU
+decode kernel (`jaxmodels.cpu_matvec`) where it applies. Per row: ms per step, GB/s of the bytes the
+format stores, time relative to float32 through XLA, and whether the compiled loop converts weights
+inside its body or carries converted (float32) weights hoisted out of it. Variants alternate within
+each repeat.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import statistics
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.decode import cpu_extensions
 from benchmarks.report import command_line, cpu_model, markdown_table, measure_read_bandwidth, publish_report
+from jaxmodels import cpu_matvec
 from jaxmodels.convert import load_model, smollm2_gguf_path
 from jaxmodels.layers import dense
 from jaxmodels.params import decode_layout
@@ -93,54 +98,83 @@ def converts_in_loop(program, layers: list[dict], x: jax.Array) -> tuple[bool, b
     return in_body, narrow and weight_sized(while_line.split(" while(")[0], "f32")
 
 
-def _timings(programs: dict, layers: dict, inputs: dict, formats: list[str], repeats: int) -> dict:
-    """{(format, steps): [seconds per call]}, every program warmed up first, formats and step
-    counts alternating within each repeat (drift on a shared machine hits all alike)."""
-    for n, program in programs.items():
-        for f in formats:
-            jax.block_until_ready(program(layers[f], inputs[f]))
+@contextlib.contextmanager
+def matmul_path(path: str) -> Iterator[None]:
+    """Trace `layers.dense` through the CPU decode kernel ("kernel", where it applies) or through
+    XLA's dot only ("xla": the kernel's row limits emptied)."""
+    limits = cpu_matvec.MAX_ROWS
+    cpu_matvec.MAX_ROWS = limits if path == "kernel" else {}
+    try:
+        yield
+    finally:
+        cpu_matvec.MAX_ROWS = limits
+
+
+def _timings(programs: dict, layers: dict, inputs: dict, variants: list[tuple[str, str]], repeats: int) -> dict:
+    """{(format, path, steps): seconds per call}, every program traced under its path and warmed
+    up first, variants and step counts alternating within each repeat (drift on a shared machine
+    hits all alike)."""
+    for f, path in variants:
+        with matmul_path(path):
+            for program in programs[path].values():
+                jax.block_until_ready(program(layers[f], inputs[f]))
     times: dict = {}
     for _ in range(repeats):
-        for n, program in programs.items():
-            for f in formats:
+        for n in programs["xla"]:
+            for f, path in variants:
                 t0 = time.perf_counter()
-                jax.block_until_ready(program(layers[f], inputs[f]))
-                times.setdefault((f, n), []).append(time.perf_counter() - t0)
+                jax.block_until_ready(programs[path][n](layers[f], inputs[f]))
+                times.setdefault((f, path, n), []).append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(params: dict, formats: list[str], rows: list[int], steps: int, repeats: int) -> tuple[str, dict]:
-    """Per (format, rows): the marginal ms per step (a loop of 2 x steps less one of steps, over
-    steps) and the fixed ms per call (whatever does not grow with steps: a conversion hoisted out
-    of the loop). The markdown table and {(format, rows): (ms per step, fixed ms)}."""
-    programs = {n: step_program(n) for n in (steps, 2 * steps)}
+    """Per (format, matmul path, rows): the marginal ms per step (a loop of 2 x steps less one of
+    steps, over steps) and the fixed ms per call (whatever does not grow with steps: a conversion
+    hoisted out of the loop). The markdown table and {(format, path, rows): (ms per step, fixed ms)}."""
+    paths = ["xla", "kernel"] if cpu_matvec.available() else ["xla"]
+    variants = [(f, path) for f in formats for path in paths]
+    programs = {path: {n: step_program(n) for n in (steps, 2 * steps)} for path in paths}
     layers = {f: layer_matmuls(params, f) for f in formats}
     stored = {f: weight_bytes(layers[f]) for f in formats}
-    per_rows = {r: _timings(programs, layers, {f: _input(layers[f], r, f) for f in formats}, formats, repeats)
+    per_rows = {r: _timings(programs, layers, {f: _input(layers[f], r, f) for f in formats}, variants, repeats)
                 for r in rows}
     bandwidth = measure_read_bandwidth()
     table, result = [], {}
     for r in rows:
         t = per_rows[r]
-        step = {f: max(t[(f, 2 * steps)] - t[(f, steps)], 1e-9) / steps for f in formats}
-        for f in formats:
-            fixed = max(t[(f, steps)] - steps * step[f], 0.0)
-            result[(f, r)] = (step[f] * 1e3, fixed * 1e3)
-            in_body, hoisted = converts_in_loop(programs[steps], layers[f], _input(layers[f], r, f))
-            table.append([f, r, stored[f] / 1e6, step[f] * 1e3, stored[f] / step[f] / 1e9,
-                          100 * stored[f] / step[f] / bandwidth, step[f] / step[formats[0]], fixed * 1e3,
+        step = {v: max(t[(*v, 2 * steps)] - t[(*v, steps)], 1e-9) / steps for v in variants}
+        for f, path in variants:
+            v = (f, path)
+            fixed = max(t[(*v, steps)] - steps * step[v], 0.0)
+            result[(f, path, r)] = (step[v] * 1e3, fixed * 1e3)
+            with matmul_path(path):
+                in_body, hoisted = converts_in_loop(programs[path][steps], layers[f], _input(layers[f], r, f))
+                kernel = cpu_matvec.applies(_first_weight(layers[f]), _input(layers[f], r, f))
+            table.append([f, "CPU kernel" if kernel else "XLA dot", r, stored[f] / 1e6, step[v] * 1e3,
+                          stored[f] / step[v] / 1e9, 100 * stored[f] / step[v] / bandwidth,
+                          step[v] / step[variants[0]], fixed * 1e3,
                           "yes" if in_body else "no", "yes (the loop reads float32)" if hoisted else "no"])
             print(table[-1], flush=True)
-    header = ["weights", "rows", "stored MB", "ms per step", "GB/s of stored bytes", "% of measured bandwidth",
-              f"step time / {formats[0]}", "fixed ms per call", "converts weights in the loop",
+    header = ["weights", "matmul", "rows", "stored MB", "ms per step", "GB/s of stored bytes", "% of measured bandwidth",
+              f"step time / {formats[0]} XLA", "fixed ms per call", "converts weights in the loop",
               "float32 copies hoisted out of the loop"]
     body = (markdown_table(header, table) + f"\n\nSmolLM2-135M-Instruct's 210 layer matmul weights (LM head and "
             f"attention excluded) as `convert_weights` + `decode_layout` store them, through `layers.dense` in a "
-            f"`fori_loop`. ms per step: (time of {2 * steps} steps - time of {steps}) / {steps}; fixed ms per call: "
-            f"the rest of a {steps}-step call. Median of {repeats}, formats and loop lengths alternating. Measured "
-            f"read bandwidth (jitted sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s. CPU: {cpu_model()} "
-            f"({cpu_extensions()}). The last two columns are read from each loop's compiled HLO.")
+            f"`fori_loop`: with XLA's dot only, and where it applies (`cpu_matvec.MAX_ROWS`) with the CPU decode "
+            f"kernel (`jaxmodels.cpu_matvec`). ms per step: (time of {2 * steps} steps - time of {steps}) / {steps}; "
+            f"fixed ms per call: the rest of a {steps}-step call. Median of {repeats}, variants and loop lengths "
+            f"alternating. Measured read bandwidth (jitted sum over 1 GiB, one core's reading): {bandwidth / 1e9:.1f} "
+            f"GB/s. CPU: {cpu_model()} ({cpu_extensions()}). The last two columns are read from each loop's "
+            f"compiled HLO.")
     return body, result
+
+
+def _first_weight(layers: list[dict]) -> jax.Array:
+    """The first layer's first matmul weight as `cpu_matvec` sees it (int8 values, output-major)."""
+    w = layers[0][FACTORIZABLE[0]]
+    w = getattr(w, "q", w)
+    return getattr(w, "wt", w)
 
 
 def _input(layers: list[dict], rows: int, weights: str) -> jax.Array:

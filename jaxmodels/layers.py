@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels import cpu_matvec
 from jaxmodels.config import LlamaConfig
 from jaxmodels.quantize import Int8Weight
 from jaxmodels.weights import GramTap, LowRank, OutputMajor
@@ -32,24 +33,33 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
     if isinstance(w, LowRank):
         return dense(w.v, dense(w.u, x))
     if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul
-        q = OutputMajor(w.q.wt.astype(x.dtype)) if isinstance(w.q, OutputMajor) else w.q.astype(x.dtype)
-        return dense(q, x) * w.scale.astype(x.dtype)
+        if isinstance(w.q, OutputMajor):
+            return output_major_matmul(w.q.wt, x, w.scale)
+        return dense(w.q.astype(x.dtype), x) * w.scale.astype(x.dtype)
     if isinstance(w, OutputMajor):
         return output_major_matmul(w.wt, x)
     return x @ w
 
 
-def output_major_matmul(wt: jax.Array, x: jax.Array) -> jax.Array:
+def output_major_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., m] @ wt.T -> [..., n] for a weight stored [n, m] (an embedding table as LM head, or
-    `OutputMajor`). On CPU, up to FEW_ROWS rows run as y^T = wt @ x^T with the weight as the dot's
-    left operand, the form XLA:CPU runs 1.5-4x faster for 2-32 rows (measured; same speed at 1
-    row). The optimization barrier keeps XLA from folding the small transpose back into the dot,
-    which would restore the slow form. More rows (prefill, training): the plain product."""
+    `OutputMajor`), each output column times scale [n] if given (int8 weights).
+
+    On CPU, up to `cpu_matvec.MAX_ROWS` rows run the CPU decode kernel where it is built: it reads
+    float32, bf16 or int8 weights as stored. Otherwise, up to FEW_ROWS rows run as y^T = wt @ x^T
+    with the weight as the dot's left operand, the form XLA:CPU runs 1.5-4x faster for 2-32 rows
+    (measured; same speed at 1 row); the optimization barrier keeps XLA from folding the small
+    transpose back into the dot. More rows (prefill, training) and other backends: the plain product."""
+    if cpu_matvec.applies(wt, x):
+        return cpu_matvec.matvec(x, wt, scale)
+    wt = wt.astype(x.dtype)
     rows = math.prod(x.shape[:-1])
     if rows > FEW_ROWS or jax.default_backend() != "cpu":
-        return jnp.einsum("...m,nm->...n", x, wt)
-    yt = jax.lax.optimization_barrier(jnp.matmul(wt, x.reshape(rows, x.shape[-1]).T))  # [n, rows]
-    return yt.T.reshape(*x.shape[:-1], wt.shape[0])
+        y = jnp.einsum("...m,nm->...n", x, wt)
+    else:
+        yt = jax.lax.optimization_barrier(jnp.matmul(wt, x.reshape(rows, x.shape[-1]).T))  # [n, rows]
+        y = yt.T.reshape(*x.shape[:-1], wt.shape[0])
+    return y if scale is None else y * scale.astype(x.dtype)
 
 
 @jax.custom_vjp

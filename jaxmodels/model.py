@@ -52,7 +52,7 @@ def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
     if config.tie_word_embeddings:
         table = params["embed"]
         if isinstance(table, Int8Rows):  # weight-only int8: one scale per token's logit
-            return output_major_matmul(table.q.astype(h.dtype), h) * table.scale.astype(h.dtype)
+            return output_major_matmul(table.q, h, table.scale)
         return output_major_matmul(table, h)  # the table [V, D] is the head, output-major
     return dense(params["lm_head"], h)
 

@@ -11,7 +11,8 @@ weight bytes over the memory bandwidth (`benchmarks/decode.py` reports the fract
   token row (`Int8Rows`), which serves both the lookup and the tied head's logit for that token.
   Norms and activations keep their dtype: a quarter of the float32 bytes, plus the scales.
 
-On CPU neither is faster yet where it was measured (`cpu_decoding_note` says why, per machine).
+On CPU both decode through `jaxmodels.cpu_matvec`, which reads the stored bytes (XLA:CPU alone
+converts them to float32 first; `cpu_decoding_note` says when that applies).
 Both are lossy; `tests/test_quantize.py` bounds the error and measures greedy agreement with float32.
 Float32 stays the default. `int8` refuses a factorized (`LowRank`) model; bfloat16 takes it.
 In bfloat16, self-speculation matches bf16 greedy decoding only up to rounding: the verifier's
@@ -134,18 +135,19 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_decoding_note(weights: str) -> str | None:
-    """Why `weights` will not decode faster than float32 on this machine, or None where that is not
-    known. XLA:CPU multiplies an int8 weight (always) and a bf16 weight (measured without AMX: on AVX2
-    and on an AVX512-BF16 EPYC) in float32 and moves the conversion out of the decode loop: the loop
-    reads float32 copies (`benchmarks/matvec_dtypes.py`; SmolLM2 bf16 at 0.88-0.97x float32's
-    tokens/s on a 2-core AVX512-BF16 EPYC, 2026-12-03). A CPU with AMX was never measured."""
-    if weights == "float32" or jax.default_backend() != "cpu":
+    """Why `weights` will not decode faster than float32 on this machine, or None. With the CPU
+    decode kernel (`jaxmodels.cpu_matvec`) bf16 and int8 weights are read as stored: SmolLM2 at
+    batch 1 decoded 2.3x (bf16) and 3.6x (int8) faster than through XLA on a 2-core AVX-512 EPYC
+    (`benchmarks/decode.py`). Without it, XLA:CPU multiplies them in float32 and hoists the
+    conversion out of the decode loop, which then reads float32 copies (`benchmarks/matvec_dtypes.py`)."""
+    from jaxmodels import cpu_matvec  # cpu_matvec imports this module
+
+    if weights == "float32" or jax.default_backend() != "cpu" or cpu_matvec.available():
         return None
-    if weights == "bfloat16" and "amx_bf16" in cpu_flags():
-        return None  # not measured on such a CPU: no claim either way
     return (f"{weights} weights on this CPU are converted to float32 inside the compiled decode program, "
-            f"once per call: decoding reads float32 copies, so it saves neither time nor memory (BENCHMARKS.md, "
-            f"'Decode-step weight matmuls by weight format'); float32 is as fast and exact")
+            f"once per call, because the CPU decode kernel is not available (jaxmodels.cpu_matvec: switched off "
+            f"by {cpu_matvec.ENV_SWITCH}=0, or no C++ compiler): decoding reads float32 copies, so it saves "
+            f"neither time nor memory; float32 is as fast and exact")
 
 
 def weight_bytes(params: dict[str, Any]) -> int:

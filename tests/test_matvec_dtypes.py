@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.matvec_dtypes import converts_in_loop, layer_matmuls, run, step_program
-from jaxmodels import init_params
+from jaxmodels import cpu_matvec, init_params
 from jaxmodels.testing import tiny_config
 
 
@@ -33,13 +33,21 @@ def test_the_hlo_reading_tells_per_step_from_hoisted_conversions():
     assert converts_in_loop(_loop(False), f32_layers, x) == (False, False)
 
 
-def test_every_format_runs_on_a_tiny_model():
+def test_every_format_runs_on_a_tiny_model_through_xla_and_the_kernel():
+    """Each format through XLA's dot and through the CPU kernel; the kernel loop reads int8 and
+    bf16 as stored (no float32 copy hoisted out of it), XLA's does not."""
     config = tiny_config(num_hidden_layers=2)
     params = init_params(config, jax.random.key(0))
     assert len(layer_matmuls(params, "int8")) == 2
     body, result = run(params, ["float32", "bfloat16", "int8"], [1, 3], steps=2, repeats=1)
-    assert set(result) == {(f, r) for f in ("float32", "bfloat16", "int8") for r in (1, 3)}
+    paths = ("xla", "kernel") if cpu_matvec.available() else ("xla",)
+    assert set(result) == {(f, p, r) for f in ("float32", "bfloat16", "int8") for p in paths for r in (1, 3)}
     assert all(step > 0 and fixed >= 0 for step, fixed in result.values())
     float32_rows = [line for line in body.splitlines() if line.startswith("| float32 |")]
-    assert len(float32_rows) == 2 and all(line.endswith("| no | no |") for line in float32_rows)
+    assert len(float32_rows) == 2 * len(paths) and all(line.endswith("| no | no |") for line in float32_rows)
+    assert any(line.startswith("| int8 | XLA dot |") and "| yes (the loop reads float32) |" in line
+               for line in body.splitlines())
+    if cpu_matvec.available():
+        kernel_rows = [line for line in body.splitlines() if "| CPU kernel |" in line]
+        assert len(kernel_rows) == 6 and all(line.endswith("| no | no |") for line in kernel_rows)
     assert callable(step_program(1))

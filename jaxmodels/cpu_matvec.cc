@@ -1,0 +1,202 @@
+// A few rows times an output-major weight on CPU: y[b, j] = scale[j] * sum_i x[b, i] * w[j, i].
+//
+// XLA:CPU multiplies bf16 and int8 weights by converting them to float32 first (and hoists that
+// conversion out of a decode loop, so the loop reads float32 bytes). Decoding a few rows is bound by
+// the bytes of weight read, so this kernel reads the stored bytes (float32, bf16 or int8), widens
+// them to float32 in registers, and accumulates in float32: AVX-512 or AVX2 intrinsics, else scalar
+// code the compiler may vectorize (`-march=native`, built by `jaxmodels.cpu_matvec`). Rows of w are split into chunks that XLA's intra-op threads claim.
+//
+// x [B, m] float32, w [n, m] (float32 / bf16 / int8), scale [n] float32 or [0] (none), y [B, n].
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// One register of float32 lanes, and loads that widen each stored format into it.
+#if defined(__AVX512F__)
+#include <immintrin.h>
+constexpr int kLanes = 16;
+typedef __m512 fvec;
+inline fvec zero() { return _mm512_setzero_ps(); }
+inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(fvec v) { return _mm512_reduce_add_ps(v); }
+inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
+inline fvec load(const uint16_t* p) {  // bf16 -> float32: the 16 bits become the high half
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline fvec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+constexpr int kLanes = 8;
+typedef __m256 fvec;
+inline fvec zero() { return _mm256_setzero_ps(); }
+inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(fvec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
+inline fvec load(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline fvec load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+#else  // any other CPU: scalar lanes, vectorized by the compiler where it can
+constexpr int kLanes = 1;
+typedef float fvec;
+inline fvec zero() { return 0.0f; }
+inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
+inline float hsum(fvec v) { return v; }
+inline fvec load(const float* p) { return *p; }
+inline fvec load(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline fvec load(const int8_t* p) { return float(*p); }
+#endif
+
+inline void pause() {  // a spin-wait hint; the wait is short (the helpers' last chunk)
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+template <typename W>
+inline float widen(const W* p) {  // one stored element as float32 (the row tails)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+  if constexpr (sizeof(W) == 2) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+  else return float(*p);
+#else
+  return load(p);
+#endif
+}
+
+struct Problem {
+  const float* x; const void* w; const float* scale; float* y;
+  int64_t batch, m, n;
+};
+
+// Rows [j0, j0 + J) of w against batch rows [b0, b0 + NB): J * NB float32 accumulators.
+template <typename W, int J, int NB>
+void tile(const Problem& p, int64_t j0, int64_t b0) {
+  const W* w = static_cast<const W*>(p.w) + j0 * p.m;
+  const float* x = p.x + b0 * p.m;
+  fvec acc[J][NB];
+  for (int a = 0; a < J; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = zero();
+  int64_t i = 0;
+  for (; i + kLanes <= p.m; i += kLanes) {
+    fvec wv[J];
+    for (int a = 0; a < J; ++a) wv[a] = load(w + a * p.m + i);
+    for (int b = 0; b < NB; ++b) {
+      fvec xv = load(x + b * p.m + i);
+      for (int a = 0; a < J; ++a) acc[a][b] = fma(wv[a], xv, acc[a][b]);
+    }
+  }
+  for (int a = 0; a < J; ++a) {
+    for (int b = 0; b < NB; ++b) {
+      float s = hsum(acc[a][b]);
+      for (int64_t k = i; k < p.m; ++k) s += widen(w + a * p.m + k) * x[b * p.m + k];
+      p.y[(b0 + b) * p.n + j0 + a] = p.scale ? s * p.scale[j0 + a] : s;
+    }
+  }
+}
+
+// Every batch row against w's rows [j0, j1), one weight row at a time (measured faster than
+// several rows at once, SmolLM2's shapes on a 2-core AVX-512 EPYC), up to 8 batch rows per pass.
+template <typename W>
+void rows(const Problem& p, int64_t j0, int64_t j1) {
+  int64_t b0 = 0;
+  for (; b0 + 8 <= p.batch; b0 += 8)
+    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 8>(p, j, b0);
+  for (; b0 + 4 <= p.batch; b0 += 4)
+    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 4>(p, j, b0);
+  for (; b0 < p.batch; ++b0)
+    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 1>(p, j, b0);
+}
+
+// Chunks of w's rows, claimed by the calling thread and by tasks on XLA's intra-op pool. The caller
+// waits only for chunks already claimed, so a task that starts late finds nothing left and a busy
+// pool cannot deadlock the call. The shared state outlives the call for such late tasks.
+struct Work {
+  Problem p; int64_t chunk, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+template <typename W>
+void drain(Work& work) {
+  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
+    int64_t j0 = c * work.chunk;
+    rows<W>(work.p, j0, std::min(work.p.n, j0 + work.chunk));
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// The cores this process may run on. XLA's intra-op pool can hold more threads than that; a task
+// per pool thread then oversubscribes the cores, and decoding SmolLM2 in bf16 ran 2.3x slower.
+int64_t usable_cores() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+template <typename W>
+void run(ffi::ThreadPool& pool, const Problem& p) {
+  static const int64_t cores = usable_cores();
+  int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, cores);
+  int64_t chunk = std::max<int64_t>(16, ((p.n + threads - 1) / threads + 3) / 4 * 4);
+  auto work = std::make_shared<Work>();
+  work->p = p; work->chunk = chunk; work->chunks = (p.n + chunk - 1) / chunk;
+  int64_t helpers = std::min(threads, work->chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { drain<W>(*work); });
+  drain<W>(*work);
+  while (work->done.load(std::memory_order_acquire) < work->chunks) pause();
+}
+
+template <ffi::DataType T, typename W>
+ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
+                  ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
+    return ffi::Error::InvalidArgument("cpu_matvec: expected x [B, m], w [n, m], y [B, n]");
+  if (scale.element_count() != 0 && scale.element_count() != size_t(wd[0]))
+    return ffi::Error::InvalidArgument("cpu_matvec: scale must have n elements, or none");
+  Problem p{x.typed_data(), w.untyped_data(), scale.element_count() ? scale.typed_data() : nullptr,
+            y->typed_data(), xd[0], xd[1], wd[0]};
+  run<W>(pool, p);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define JAXMODELS_MATVEC(name, T, W)                                                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (matvec<T, W>),                                           \
+                                ffi::Ffi::Bind()                                                \
+                                    .Ctx<ffi::ThreadPool>()                                     \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                               \
+                                    .Arg<ffi::Buffer<T>>()                                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                               \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+JAXMODELS_MATVEC(jaxmodels_matvec_f32, ffi::F32, float)
+JAXMODELS_MATVEC(jaxmodels_matvec_bf16, ffi::BF16, uint16_t)
+JAXMODELS_MATVEC(jaxmodels_matvec_s8, ffi::S8, int8_t)

@@ -1,0 +1,124 @@
+"""A few rows times an output-major weight on CPU, reading the weight's stored bytes.
+
+Decoding a few rows reads every weight once per token, so it is bound by the weight bytes. XLA:CPU
+multiplies a bf16 or int8 weight in float32 and hoists that conversion out of the decode loop, so
+the loop reads float32 copies (`benchmarks/matvec_dtypes.py`). `cpu_matvec.cc` reads float32, bf16
+or int8 weights as stored, widens them in registers and accumulates in float32, on XLA's intra-op
+threads. It is an XLA FFI custom call, compiled on first use with the machine's C++ compiler
+(`-O3 -march=native`) into a cache folder and reused while source, compiler, jaxlib and CPU stay
+the same.
+
+`layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`; anything
+else (GPU, TPU, prefill, training) keeps the XLA product. With no compiler, or with
+`JAXMODELS_CPU_MATVEC=0`, decoding falls back to XLA with one warning that says why. Each output
+row's sum runs in the same order whatever the batch, so a row's result does not depend on the
+other rows beside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxmodels.config import ConfigError
+from jaxmodels.quantize import cpu_flags
+
+SOURCE = Path(__file__).with_name("cpu_matvec.cc")
+# Up to this many rows the kernel runs; more: XLA's product. SmolLM2 decode on a 2-core AVX-512 EPYC,
+# kernel vs XLA tokens/s: float32 1.5x at batch 1, 1.0-1.1x at 2 and 4, 0.75x at 8 (XLA's GEMM wins
+# once rows share each weight load); bf16 2.3x at 1, 1.65x at 4, 1.2x at 8; int8 3.6x at 1, 1.5x at 8.
+MAX_ROWS = {jnp.dtype(jnp.float32): 4, jnp.dtype(jnp.bfloat16): 16, jnp.dtype(jnp.int8): 16}
+ENV_SWITCH = "JAXMODELS_CPU_MATVEC"  # "0" turns the kernel off
+TARGETS = {jnp.dtype(jnp.float32): "jaxmodels_matvec_f32", jnp.dtype(jnp.bfloat16): "jaxmodels_matvec_bf16",
+           jnp.dtype(jnp.int8): "jaxmodels_matvec_s8"}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels live: $JAXMODELS_CACHE, else $XDG_CACHE_HOME/jaxmodels, else ~/.cache/jaxmodels."""
+    root = os.environ.get("JAXMODELS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxmodels")
+    return Path(root) / "cpu_matvec"
+
+
+def compiler() -> str:
+    """The C++ compiler: $CXX, else c++ or g++ or clang++ on the PATH."""
+    found = os.environ.get("CXX") or next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+    if not found:
+        raise ConfigError("no C++ compiler found for the CPU decode kernel: install g++ or set CXX "
+                          f"(or set {ENV_SWITCH}=0 to decode with XLA's matmuls)")
+    return found
+
+
+def build() -> Path:
+    """Compile `cpu_matvec.cc` (once per source, compiler, jaxlib and CPU) and return the library."""
+    cxx = compiler()
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(FLAGS).encode(),
+                                     jax.__version__.encode(), platform.machine().encode(),
+                                     " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:16]
+    lib = cache_dir() / f"cpu_matvec-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # then renamed: parallel builds are safe
+        out = Path(tmp) / lib.name
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise ConfigError(f"cannot run the C++ compiler {cxx!r} for the CPU decode kernel: {e}; install "
+                              f"g++ or set CXX (or set {ENV_SWITCH}=0 to decode with XLA's matmuls)") from e
+        if done.returncode != 0:
+            raise ConfigError(f"compiling the CPU decode kernel failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+                              f"\nset {ENV_SWITCH}=0 to decode with XLA's matmuls")
+        os.replace(out, lib)
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered with XLA (once per process). False, with one
+    warning naming the cause, where it cannot be; False without a warning when switched off."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+    except (ConfigError, OSError) as e:
+        warnings.warn(f"CPU decode kernel unavailable, decoding uses XLA's matmuls: {e}", stacklevel=2)
+        return False
+    for name in TARGETS.values():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return True
+
+
+def applies(wt: jax.Array, x: jax.Array) -> bool:
+    """Whether `matvec(x, wt)` runs the kernel: on CPU, a supported weight dtype, few rows, and built."""
+    rows = x.size // max(x.shape[-1], 1)
+    return (jax.default_backend() == "cpu" and wt.ndim == 2
+            and 0 < rows <= MAX_ROWS.get(jnp.dtype(wt.dtype), 0) and available())
+
+
+def matvec(x: jax.Array, wt: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x [..., m] times a weight stored output-major wt [n, m] (float32, bf16 or int8), each output
+    column times scale [n] if given: [..., n] in x's dtype, computed in float32. CPU only; see
+    `applies` for when to call it."""
+    if not available():
+        raise ConfigError(f"the CPU decode kernel is not available (switched off by {ENV_SWITCH}=0, or it "
+                          "failed to build: see the warning); check `applies` before calling `matvec`")
+    n, m = wt.shape
+    rows = x.reshape(-1, m).astype(jnp.float32)  # [B, m]
+    scale = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
+    y = jax.ffi.ffi_call(TARGETS[jnp.dtype(wt.dtype)], out, vmap_method="sequential")(rows, wt, scale)
+    return y.reshape(*x.shape[:-1], n).astype(x.dtype)
