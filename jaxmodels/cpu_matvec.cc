@@ -4,7 +4,8 @@
 // conversion out of a decode loop, so the loop reads float32 bytes). Decoding a few rows is bound by
 // the bytes of weight read, so this kernel reads the stored bytes (float32, bf16 or int8), widens
 // them to float32 in registers, and accumulates in float32: AVX-512 or AVX2 intrinsics, else scalar
-// code the compiler may vectorize (`-march=native`, built by `jaxmodels.cpu_matvec`). Rows of w are split into chunks that XLA's intra-op threads claim.
+// code the compiler may vectorize (`-march=native`, built by `jaxmodels.cpu_matvec`). Rows of w are
+// split into chunks that XLA's intra-op threads claim.
 //
 // x [B, m] float32, w [n, m] (float32 / bf16 / int8), scale [n] float32 or [0] (none), y [B, n].
 
@@ -23,6 +24,11 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// One stored element as float32 (row tails, and the scalar path's lanes).
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline float widen(int8_t v) { return float(v); }
 
 // One register of float32 lanes, and loads that widen each stored format into it.
 #if defined(__AVX512F__)
@@ -65,9 +71,8 @@ typedef float fvec;
 inline fvec zero() { return 0.0f; }
 inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
 inline float hsum(fvec v) { return v; }
-inline fvec load(const float* p) { return *p; }
-inline fvec load(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline fvec load(const int8_t* p) { return float(*p); }
+template <typename W>
+inline fvec load(const W* p) { return widen(*p); }
 #endif
 
 inline void pause() {  // a spin-wait hint; the wait is short (the helpers' last chunk)
@@ -78,44 +83,27 @@ inline void pause() {  // a spin-wait hint; the wait is short (the helpers' last
 #endif
 }
 
-template <typename W>
-inline float widen(const W* p) {  // one stored element as float32 (the row tails)
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-  if constexpr (sizeof(W) == 2) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-  else return float(*p);
-#else
-  return load(p);
-#endif
-}
-
 struct Problem {
   const float* x; const void* w; const float* scale; float* y;
   int64_t batch, m, n;
 };
 
-// Rows [j0, j0 + J) of w against batch rows [b0, b0 + NB): J * NB float32 accumulators.
-template <typename W, int J, int NB>
-void tile(const Problem& p, int64_t j0, int64_t b0) {
-  const W* w = static_cast<const W*>(p.w) + j0 * p.m;
+// Row j of w against batch rows [b0, b0 + NB): NB float32 accumulators.
+template <typename W, int NB>
+void tile(const Problem& p, int64_t j, int64_t b0) {
+  const W* w = static_cast<const W*>(p.w) + j * p.m;
   const float* x = p.x + b0 * p.m;
-  fvec acc[J][NB];
-  for (int a = 0; a < J; ++a)
-    for (int b = 0; b < NB; ++b) acc[a][b] = zero();
+  fvec acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = zero();
   int64_t i = 0;
   for (; i + kLanes <= p.m; i += kLanes) {
-    fvec wv[J];
-    for (int a = 0; a < J; ++a) wv[a] = load(w + a * p.m + i);
-    for (int b = 0; b < NB; ++b) {
-      fvec xv = load(x + b * p.m + i);
-      for (int a = 0; a < J; ++a) acc[a][b] = fma(wv[a], xv, acc[a][b]);
-    }
+    fvec wv = load(w + i);
+    for (int b = 0; b < NB; ++b) acc[b] = fma(wv, load(x + b * p.m + i), acc[b]);
   }
-  for (int a = 0; a < J; ++a) {
-    for (int b = 0; b < NB; ++b) {
-      float s = hsum(acc[a][b]);
-      for (int64_t k = i; k < p.m; ++k) s += widen(w + a * p.m + k) * x[b * p.m + k];
-      p.y[(b0 + b) * p.n + j0 + a] = p.scale ? s * p.scale[j0 + a] : s;
-    }
+  for (int b = 0; b < NB; ++b) {
+    float s = hsum(acc[b]);
+    for (int64_t k = i; k < p.m; ++k) s += widen(w[k]) * x[b * p.m + k];
+    p.y[(b0 + b) * p.n + j] = p.scale ? s * p.scale[j] : s;
   }
 }
 
@@ -125,11 +113,11 @@ template <typename W>
 void rows(const Problem& p, int64_t j0, int64_t j1) {
   int64_t b0 = 0;
   for (; b0 + 8 <= p.batch; b0 += 8)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 8>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) tile<W, 8>(p, j, b0);
   for (; b0 + 4 <= p.batch; b0 += 4)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 4>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) tile<W, 4>(p, j, b0);
   for (; b0 < p.batch; ++b0)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 1, 1>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) tile<W, 1>(p, j, b0);
 }
 
 // Chunks of w's rows, claimed by the calling thread and by tasks on XLA's intra-op pool. The caller
