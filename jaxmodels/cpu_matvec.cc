@@ -147,11 +147,20 @@ int64_t usable_cores() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// The fewest weight bytes worth a chunk of their own. Handing a chunk to a pool thread costs a
+// wake-up, and under load a helper that claimed a chunk may wait for a core while the caller waits
+// for it; below this a call runs on the calling thread alone.
+#ifndef JAXMODELS_MIN_CHUNK_BYTES
+#define JAXMODELS_MIN_CHUNK_BYTES (64 << 10)
+#endif
+
 template <typename W>
 void run(ffi::ThreadPool& pool, const Problem& p) {
   static const int64_t cores = usable_cores();
   int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, cores);
-  int64_t chunk = std::max<int64_t>(16, ((p.n + threads - 1) / threads + 3) / 4 * 4);
+  int64_t row_bytes = std::max<int64_t>(1, p.m * int64_t(sizeof(W)));
+  int64_t min_rows = (JAXMODELS_MIN_CHUNK_BYTES + row_bytes - 1) / row_bytes;
+  int64_t chunk = std::max<int64_t>(std::max<int64_t>(16, min_rows), ((p.n + threads - 1) / threads + 3) / 4 * 4);
   auto work = std::make_shared<Work>();
   work->p = p; work->chunk = chunk; work->chunks = (p.n + chunk - 1) / chunk;
   int64_t helpers = std::min(threads, work->chunks) - 1;

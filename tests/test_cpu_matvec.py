@@ -45,6 +45,18 @@ def test_the_kernel_equals_the_float64_product_of_the_stored_weights(dtype, rows
     assert np.all(np.abs(y - exact) <= bound), np.max(np.abs(y - exact) / bound)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_weight_split_among_threads_equals_the_float64_product(dtype):
+    """A weight large enough to be split into chunks for XLA's intra-op threads (the shapes above
+    run on the calling thread alone): every chunk, the last one short, is computed."""
+    rng = np.random.default_rng(7)
+    wt, scale, exact_w = _weight(rng, 1001, 600, dtype)  # >= 2 chunks of JAXMODELS_MIN_CHUNK_BYTES
+    x = rng.standard_normal((5, 600)).astype(np.float32)
+    y = np.asarray(cpu_matvec.matvec(jnp.asarray(x), wt, scale))
+    exact = x.astype(np.float64) @ exact_w.T
+    assert np.all(np.abs(y - exact) <= 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact_w).T))
+
+
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """Each output is summed in the same order whatever the batch (1-, 4- and 8-row tiles alike),
     so a sequence decodes to the same bits alone or batched."""
