@@ -4,8 +4,9 @@ Decoding a few rows reads every weight once per token, so it is bound by the wei
 multiplies a bf16 or int8 weight in float32 and hoists that conversion out of the decode loop, so
 the loop reads float32 copies (`benchmarks/matvec_dtypes.py`). `cpu_matvec.cc` reads float32, bf16
 or int8 weights as stored, widens them in registers and accumulates in float32, on XLA's intra-op
-threads (a weight under 128 KiB on the calling thread alone: a tiny model's layer ran 3x slower
-when a loaded CI machine had to wake a helper thread for it). It is an XLA FFI custom call, compiled on first use with the machine's C++ compiler
+threads (a weight under 128 KiB on the calling thread alone: on a loaded CI run a tiny model's layer
+over one token, on the kernel, measured 3x the time of one over five, on XLA; waking a helper
+thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with the machine's C++ compiler
 (`-O3 -march=native`) into a cache folder and reused while source, compiler, jaxlib and CPU stay
 the same.
 
