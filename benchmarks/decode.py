@@ -22,11 +22,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (cpu_model, publish_report, markdown_table, measure_read_bandwidth, median_seconds,
+from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, publish_report, markdown_table, measure_read_bandwidth, median_seconds,
                                parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
-from jaxmodels.model import forward, unstack_layers
+from inference.engine import cache_dtype
+from jaxmodels.model import embed_tokens, exit_logits, run_layers, unstack_layers
 from jaxmodels.params import decode_layout
 from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, cpu_flags, weight_bytes
 
@@ -51,13 +52,21 @@ def cpu_extensions() -> str:
     return ", ".join(f for f in wanted if f in flags) or "none of AVX2/AVX-512/AMX"
 
 
+def decoding_logits(params, config, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> float32 logits [B, T, V] as decoding computes them: hidden states in
+    `engine.cache_dtype` (float32 on CPU, so bf16 weights are weight-only there)."""
+    h = embed_tokens(params, tokens).astype(cache_dtype(params["final_norm"].dtype))
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    return exit_logits(params, config, run_layers(params, config, h, positions)[0]).astype(jnp.float32)
+
+
 def logit_error(params, reference, config, prompts) -> tuple[float, float]:
     """(max |logit - float32 logit| / max |float32 logit|, top-1 agreement) over the prompts' positions."""
     errs, agree, total = [], 0, 0
     for p in prompts:
         tokens = jnp.asarray([p], jnp.int32)
-        got = forward(params, config, tokens)[0].astype(jnp.float32)
-        ref = forward(reference, config, tokens)[0]
+        got = decoding_logits(params, config, tokens)
+        ref = decoding_logits(reference, config, tokens)
         errs.append(float(jnp.abs(got - ref).max() / jnp.abs(ref).max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(p)
@@ -120,7 +129,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
             greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens[b]))
             mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
             kv_bytes = (2 * config.num_hidden_layers * b * config.num_key_value_heads * mean_len * config.head_dim
-                        * jnp.dtype(ours_params["embed"].dtype).itemsize)
+                        * cache_dtype(ours_params["final_norm"].dtype).itemsize)
             achieved = (w_bytes + kv_bytes) * res.decode_tokens_per_second / b
             tps_ours, tps_hf = b * new_tokens / t_ours, b * new_tokens / t_hf
             results[(weights, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf,
@@ -133,11 +142,12 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
               "ours / transformers", "ours / ours float32", "% of measured bandwidth",
               "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
-            f"of {repeats}. Measured read bandwidth (jitted sum over 1 GiB): {bandwidth / 1e9:.1f} GB/s. CPU: "
-            f"{cpu_model()} ({cpu_extensions()}). int8 is weight-only (scales per output column, computed in "
-            f"float32) and is compared with transformers in float32. Our weights are put in the decoding layout once "
+            f"of {repeats}. Measured read bandwidth ({BANDWIDTH_METHOD}): {bandwidth / 1e9:.1f} GB/s. CPU: "
+            f"{cpu_model()} ({cpu_extensions()}). bfloat16 and int8 are weight-only: hidden states and "
+            f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and is "
+            f"compared with transformers in float32. Our weights are put in the decoding layout once "
             f"(`params.decode_layout`) before the timed calls. Logit error: max |logit - float32 logit| "
-            f"over the largest |float32 logit|, on the {len(prompts)} prompts' positions (prefill).")
+            f"over the largest |float32 logit|, on the {len(prompts)} prompts' positions, computed as decoding computes them.")
     return body, results
 
 

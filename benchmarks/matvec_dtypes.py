@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.decode import cpu_extensions
-from benchmarks.report import command_line, cpu_model, markdown_table, measure_read_bandwidth, publish_report
+from benchmarks.report import BANDWIDTH_METHOD, command_line, cpu_model, markdown_table, measure_read_bandwidth, publish_report
 from jaxmodels import cpu_matvec
 from jaxmodels.convert import load_model, smollm2_gguf_path
 from jaxmodels.layers import dense
@@ -164,7 +164,7 @@ def run(params: dict, formats: list[str], rows: list[int], steps: int, repeats: 
             f"`fori_loop`: with XLA's dot only, and where it applies (`cpu_matvec.MAX_ROWS`) with the CPU decode "
             f"kernel (`jaxmodels.cpu_matvec`). ms per step: (time of {2 * steps} steps - time of {steps}) / {steps}; "
             f"fixed ms per call: the rest of a {steps}-step call. Median of {repeats}, variants and loop lengths "
-            f"alternating. Measured read bandwidth (jitted sum over 1 GiB, one core's reading): {bandwidth / 1e9:.1f} "
+            f"alternating. Measured read bandwidth ({BANDWIDTH_METHOD}): {bandwidth / 1e9:.1f} "
             f"GB/s. CPU: {cpu_model()} ({cpu_extensions()}). The last two columns are read from each loop's "
             f"compiled HLO.")
     return body, result

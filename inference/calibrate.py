@@ -89,9 +89,9 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
 
     layer, head = [], []
     for n in measured:
-        h = jax.random.normal(jax.random.key(n), (batch_size, n, dim), params["embed"].dtype)
-        positions = jnp.broadcast_to(start + jnp.arange(n), (batch_size, n))
         cache = KVCache.create(config, batch_size, cache_len, cache_dtype(params["embed"].dtype))
+        h = jax.random.normal(jax.random.key(n), (batch_size, n, dim), cache.dtype)  # as decoding runs
+        positions = jnp.broadcast_to(start + jnp.arange(n), (batch_size, n))
 
         @jax.jit
         def layer_loop(params, h, cache):

@@ -128,8 +128,8 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCach
     """Run right-padded prompts tokens [B, T] through layers [0, stop) and the shared exit;
     logits [B, V] at each row's end. `plan`: per-layer attention plans (None = dense)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens), positions, cache, stop=stop,
-                             plan=plan)
+    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens).astype(cache.dtype), positions, cache,
+                             stop=stop, plan=plan)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return cache.replace(lengths=lengths), exit_logits(params, config, last)
 
@@ -138,7 +138,7 @@ def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KV
                 stop: int | None = None, plan: LayerPlans | None = None) -> tuple[KVCache, jax.Array]:
     """Append one token [B] per row at the row's length through layers [0, stop) and the shared
     exit; returns the next logits [B, V]."""
-    h, cache, _ = run_layers(params, config, embed_tokens(params, token[:, None]),
+    h, cache, _ = run_layers(params, config, embed_tokens(params, token[:, None]).astype(cache.dtype),
                              cache.lengths[:, None], cache, stop=stop, plan=plan)
     return cache.replace(lengths=cache.lengths + 1), exit_logits(params, config, h[:, 0])
 
@@ -285,10 +285,13 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
 
 
 def cache_dtype(weights_dtype: jnp.dtype) -> jnp.dtype:
-    """The KV cache's dtype: the weights', except float32 on CPU. XLA:CPU updates a bf16 buffer in
-    float32 (a convert of the whole buffer, the row write, a convert back), so a bf16 cache was
-    rewritten whole in every layer and step: SmolLM2 with bf16 weights decoded at 0.37x the float32
-    weights' speed at batch 8, and at 0.92x with a float32 cache (same tokens; AMD EPYC, 2026-12-03)."""
+    """The KV cache's dtype, which decoding's hidden states take too: the weights', except float32
+    on CPU. XLA:CPU updates a bf16 buffer in float32 (a convert of the whole buffer, the row write, a
+    convert back), so a bf16 cache was rewritten whole in every layer and step: SmolLM2 with bf16
+    weights decoded at 0.37x the float32 weights' speed at batch 8, and at 0.92x with a float32
+    cache (same tokens; AMD EPYC, 2026-12-03). With float32 hidden states, bf16 weights are read
+    as stored by the CPU decode kernel and every other op runs in float32 (XLA:CPU computes bf16
+    elementwise ops by converting to float32 and back)."""
     return jnp.dtype(jnp.float32) if jax.default_backend() == "cpu" else jnp.dtype(weights_dtype)
 
 

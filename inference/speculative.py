@@ -62,7 +62,7 @@ class SpecStats(NamedTuple):
 
 
 def _layers(params, config, tokens_or_h, positions, cache, start, stop, *, embed: bool, plan=None):
-    h = embed_tokens(params, tokens_or_h) if embed else tokens_or_h
+    h = embed_tokens(params, tokens_or_h).astype(cache.dtype) if embed else tokens_or_h
     h, cache, _ = run_layers(params, config, h, positions, cache, start=start, stop=stop, plan=plan)
     return h, cache
 
@@ -90,7 +90,7 @@ def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperatu
     [B, d_max], draft probabilities [B, d_max, V] or None)."""
     b, d_max, E = pending.shape[0], spec.draft_len, spec.exit_layer
     pos0 = cache.lengths
-    hbuf = jnp.zeros((b, d_max + 1, config.hidden_size), params["embed"].dtype)
+    hbuf = jnp.zeros((b, d_max + 1, config.hidden_size), cache.dtype)  # the hidden states decoding runs in
     drafts = jnp.zeros((b, d_max), jnp.int32)
     qs = None if sampling.greedy else jnp.zeros((b, d_max, config.vocab_size), jnp.float32)
     k = spec.draft_vocab or config.vocab_size  # any draft distribution keeps sampling exact, so a

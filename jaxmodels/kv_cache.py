@@ -49,6 +49,11 @@ class KVCache:
         return self.k[0].shape[1]
 
     @property
+    def dtype(self) -> jnp.dtype:
+        """The buffers' dtype; decoding also computes its hidden states in it (`inference.engine.cache_dtype`)."""
+        return self.v[0].dtype
+
+    @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
 

@@ -102,6 +102,18 @@ def test_self_speculation_with_int8_weights_equals_their_greedy_decoding(model):
     assert spec.tokens == plain.tokens
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="float32 hidden states are CPU's choice")
+def test_bfloat16_weights_decode_on_cpu_as_float32_arithmetic_on_the_rounded_weights(model):
+    """Weight-only: on CPU the hidden states stay float32 (`engine.cache_dtype`), so decoding bf16
+    weights computes exactly what float32 decoding computes on the same weights widened. With bf16
+    hidden states the tokens here diverged (the random model has many near-ties)."""
+    config, params = model
+    b = convert_weights(params, "bfloat16")
+    widened = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), b)
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [200, 13, 77, 4]]
+    assert generate(b, config, prompts, 12).tokens == generate(widened, config, prompts, 12).tokens
+
+
 def test_self_speculation_in_bfloat16_agrees_with_greedy_up_to_rounding(model):
     """In bf16 the verifier's multi-token pass and one-token decoding round differently, so a
     near-tie can flip: lossless only up to bf16 rounding (the random model here has many near-ties)."""
