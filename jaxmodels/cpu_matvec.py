@@ -40,7 +40,10 @@ SOURCE = Path(__file__).with_name("cpu_matvec.cc")
 # Up to this many rows the kernel runs; more: XLA's product. SmolLM2 decode on a 2-core AVX-512 EPYC,
 # kernel vs XLA tokens/s: float32 1.5x at batch 1, 1.0-1.1x at 2 and 4, 0.75x at 8 (XLA's GEMM wins
 # once rows share each weight load); bf16 2.3x at 1, 1.65x at 4, 1.2x at 8; int8 3.6x at 1, 1.5x at 8.
-MAX_ROWS = {jnp.dtype(jnp.float32): 4, jnp.dtype(jnp.bfloat16): 16, jnp.dtype(jnp.int8): 16}
+# Prefill (rows = batch x prompt bucket), where XLA first converts a bf16 / int8 weight to float32:
+# 32 rows 250 -> 120 ms (bf16) and 255 -> 145 ms (int8); 128 rows 410-445 -> 300-335 ms; 256 rows
+# about even (660-715 ms against 660-900, noisy). So bf16 / int8 take the kernel up to 128 rows.
+MAX_ROWS = {jnp.dtype(jnp.float32): 4, jnp.dtype(jnp.bfloat16): 128, jnp.dtype(jnp.int8): 128}
 ENV_SWITCH = "JAXMODELS_CPU_MATVEC"  # "0" turns the kernel off
 TARGETS = {jnp.dtype(jnp.float32): "jaxmodels_matvec_f32", jnp.dtype(jnp.bfloat16): "jaxmodels_matvec_bf16",
            jnp.dtype(jnp.int8): "jaxmodels_matvec_s8"}
