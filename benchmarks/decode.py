@@ -22,8 +22,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, publish_report, markdown_table, measure_read_bandwidth, median_seconds,
-                               parse_decode_flags)
+from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, publish_report, markdown_table, measure_read_bandwidth,
+                               median_seconds, parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from inference.engine import cache_dtype
@@ -55,7 +55,7 @@ def cpu_extensions() -> str:
 def decoding_logits(params, config, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> float32 logits [B, T, V] as decoding computes them: hidden states in
     `engine.cache_dtype` (float32 on CPU, so bf16 weights are weight-only there)."""
-    h = embed_tokens(params, tokens).astype(cache_dtype(params["final_norm"].dtype))
+    h = embed_tokens(params, tokens).astype(cache_dtype(params["embed"].dtype))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return exit_logits(params, config, run_layers(params, config, h, positions)[0]).astype(jnp.float32)
 
@@ -129,7 +129,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
             greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens[b]))
             mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
             kv_bytes = (2 * config.num_hidden_layers * b * config.num_key_value_heads * mean_len * config.head_dim
-                        * cache_dtype(ours_params["final_norm"].dtype).itemsize)
+                        * cache_dtype(ours_params["embed"].dtype).itemsize)
             achieved = (w_bytes + kv_bytes) * res.decode_tokens_per_second / b
             tps_ours, tps_hf = b * new_tokens / t_ours, b * new_tokens / t_hf
             results[(weights, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf,

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.decode import cpu_extensions
-from benchmarks.report import BANDWIDTH_METHOD, command_line, cpu_model, markdown_table, measure_read_bandwidth, publish_report
+from benchmarks.report import (BANDWIDTH_METHOD, command_line, cpu_model, markdown_table, measure_read_bandwidth,
+                               publish_report)
 from jaxmodels import cpu_matvec
 from jaxmodels.convert import load_model, smollm2_gguf_path
 from jaxmodels.layers import dense

@@ -160,7 +160,7 @@ void run(ffi::ThreadPool& pool, const Problem& p) {
   int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, cores);
   int64_t row_bytes = std::max<int64_t>(1, p.m * int64_t(sizeof(W)));
   int64_t min_rows = (JAXMODELS_MIN_CHUNK_BYTES + row_bytes - 1) / row_bytes;
-  int64_t chunk = std::max<int64_t>(std::max<int64_t>(16, min_rows), ((p.n + threads - 1) / threads + 3) / 4 * 4);
+  int64_t chunk = std::max<int64_t>({16, min_rows, ((p.n + threads - 1) / threads + 3) / 4 * 4});
   auto work = std::make_shared<Work>();
   work->p = p; work->chunk = chunk; work->chunks = (p.n + chunk - 1) / chunk;
   int64_t helpers = std::min(threads, work->chunks) - 1;

@@ -6,8 +6,8 @@ the loop reads float32 copies (`benchmarks/matvec_dtypes.py`). `cpu_matvec.cc` r
 or int8 weights as stored, widens them in registers and accumulates in float32, on XLA's intra-op
 threads (a weight under 128 KiB on the calling thread alone: on a loaded CI run a tiny model's layer
 over one token, on the kernel, measured 3x the time of one over five, on XLA; waking a helper
-thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with the machine's C++ compiler
-(`-O3 -march=native`) into a cache folder and reused while source, compiler, jaxlib and CPU stay
+thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with
+the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused while source, compiler, jaxlib and CPU stay
 the same.
 
 `layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`; anything

@@ -3,9 +3,9 @@
 Decoding a few rows reads every weight once per generated token, so its speed is bounded by the
 weight bytes over the memory bandwidth (`benchmarks/decode.py` reports the fraction achieved).
 
-- `bfloat16`: every parameter cast to bf16. Activations and the KV cache follow the embedding's
-  dtype, so the whole model runs in bf16 (RMSNorm and softmax statistics still in float32): half
-  the bytes of float32.
+- `bfloat16`: every parameter cast to bf16: half the bytes of float32. Decoding's hidden states
+  and KV cache take `inference.engine.cache_dtype`: bf16 on GPU / TPU (RMSNorm and softmax
+  statistics still in float32), float32 on CPU, where bf16 is then weight-only.
 - `int8`: every matmul weight stored as int8 with one scale per output column (symmetric, absmax),
   multiplied as `(x @ q) * scale` (`layers.dense`); the embedding table as int8 with one scale per
   token row (`Int8Rows`), which serves both the lookup and the tied head's logit for that token.
