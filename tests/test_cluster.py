@@ -31,7 +31,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_DISTRIBUTED_TIMEOUT": "60"}  
 LIMIT = 120  # seconds, any launch
 
 ALLGATHER = textwrap.dedent("""
-    import faulthandler, os, signal
+    import faulthandler, os, signal, sys
     faulthandler.register(signal.SIGTERM, chain=True)  # a hung process shows where when the launcher stops it
     import jax
     import numpy as np
@@ -39,9 +39,12 @@ ALLGATHER = textwrap.dedent("""
     from training.cli import init_distributed
     init_distributed()
     ids = np.asarray(multihost_utils.process_allgather(np.array([jax.process_index()]))).ravel().tolist()
-    print(f"process {jax.process_index()} of {jax.process_count()} gathered {sorted(ids)}; devices "
-          f"{jax.local_device_count()} local, {jax.device_count()} global; "
-          f"coordinator {os.environ['JAX_COORDINATOR_ADDRESS']}", flush=True)
+    # One write for the whole line: under PYTHONUNBUFFERED print() writes the text and its newline apart,
+    # and Gloo's own "[Gloo] Rank 0 is connected ..." line (C++, same stdout) once landed between them.
+    sys.stdout.write(f"process {jax.process_index()} of {jax.process_count()} gathered {sorted(ids)}; devices "
+                     f"{jax.local_device_count()} local, {jax.device_count()} global; "
+                     f"coordinator {os.environ['JAX_COORDINATOR_ADDRESS']}\\n")
+    sys.stdout.flush()
     jax.distributed.shutdown()
 """)
 
