@@ -183,7 +183,32 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   return ffi::Error::Success();
 }
 
+// Rows of a table in its stored dtype: out[i] = table[clamp(ids[i], 0, V - 1)]. XLA:CPU gathers
+// from a bf16 table through float32, and in a decode loop it hoisted the widening of the whole
+// table out of the loop: a float32 copy of the embedding on every call. This reads only the rows.
+ffi::Error take_rows(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::Result<ffi::AnyBuffer> out) {
+  auto td = table.dimensions(), od = out->dimensions();
+  if (td.size() != 2 || od.size() != 2 || od[0] != int64_t(ids.element_count()) || od[1] != td[1] ||
+      td[0] < 1 || out->element_type() != table.element_type())
+    return ffi::Error::InvalidArgument(
+        "cpu take_rows: expected table [V, D], ids [N], out [N, D] in the table's dtype");
+  size_t row = size_t(td[1]) * ffi::ByteWidth(table.element_type());
+  const char* src = static_cast<const char*>(table.untyped_data());
+  char* dst = static_cast<char*>(out->untyped_data());
+  for (int64_t i = 0; i < od[0]; ++i) {
+    int64_t id = std::clamp<int64_t>(ids.typed_data()[i], 0, td[0] - 1);
+    std::memcpy(dst + i * row, src + id * row, row);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxmodels_take_rows, take_rows,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 #define JAXMODELS_MATVEC(name, T, W)                                                             \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, (matvec<T, W>),                                           \

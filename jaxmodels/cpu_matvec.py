@@ -7,8 +7,9 @@ or int8 weights as stored, widens them in registers and accumulates in float32, 
 threads (a weight under 128 KiB on the calling thread alone: on a loaded CI run a tiny model's layer
 over one token, on the kernel, measured 3x the time of one over five, on XLA; waking a helper
 thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with
-the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused while source, compiler, jaxlib and CPU stay
-the same.
+the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused while source,
+compiler, jaxlib and CPU stay the same. The same library holds `take_rows`, the embedding lookup of
+a bf16 table on CPU (`model.embed_tokens`: XLA:CPU would widen the whole table to gather from it).
 
 `layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`; anything
 else (GPU, TPU, prefill, training) keeps the XLA product. With no compiler, or with
@@ -47,6 +48,7 @@ MAX_ROWS = {jnp.dtype(jnp.float32): 4, jnp.dtype(jnp.bfloat16): 128, jnp.dtype(j
 ENV_SWITCH = "JAXMODELS_CPU_MATVEC"  # "0" turns the kernel off
 TARGETS = {jnp.dtype(jnp.float32): "jaxmodels_matvec_f32", jnp.dtype(jnp.bfloat16): "jaxmodels_matvec_bf16",
            jnp.dtype(jnp.int8): "jaxmodels_matvec_s8"}
+TAKE_ROWS = "jaxmodels_take_rows"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -102,7 +104,7 @@ def available() -> bool:
     except (ConfigError, OSError) as e:
         warnings.warn(f"CPU decode kernel unavailable, decoding uses XLA's matmuls: {e}", stacklevel=2)
         return False
-    for name in TARGETS.values():
+    for name in (*TARGETS.values(), TAKE_ROWS):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return True
 
@@ -127,3 +129,17 @@ def matvec(x: jax.Array, wt: jax.Array, scale: jax.Array | None = None) -> jax.A
     out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
     y = jax.ffi.ffi_call(TARGETS[jnp.dtype(wt.dtype)], out, vmap_method="sequential")(rows, wt, scale)
     return y.reshape(*x.shape[:-1], n).astype(x.dtype)
+
+
+def takes_rows(table: jax.Array) -> bool:
+    """Whether `take_rows(table, ids)` runs the kernel: on CPU, a 16-bit float table, and built."""
+    return (jax.default_backend() == "cpu" and table.ndim == 2 and jnp.dtype(table.dtype).itemsize == 2
+            and jnp.issubdtype(table.dtype, jnp.floating) and available())
+
+
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table [V, D] rows at ids [...] (clamped to [0, V)) -> [..., D] in the table's dtype, copied as
+    stored. CPU only; see `takes_rows` for when to call it (XLA:CPU widens a bf16 table to gather)."""
+    out = jax.ShapeDtypeStruct((ids.size, table.shape[1]), table.dtype)
+    rows = jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, ids.reshape(-1).astype(jnp.int32))
+    return rows.reshape(*ids.shape, table.shape[1])

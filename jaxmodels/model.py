@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmodels import cpu_matvec
 from jaxmodels.attention import KVState, attend
 from jaxmodels.attention_plan import AttentionPlan, LayerPlans, plan_signature, stack_plans
 from jaxmodels.config import LlamaConfig
@@ -39,10 +40,17 @@ __all__ = ["LAYER_KEYS", "Params", "check_param_shapes", "init_params", "layer_s
 
 # --------------------------------------------------------------------------- functional core
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] int -> hidden [B, T, D]."""
+    """tokens [B, T] int -> hidden [B, T, D].
+
+    A bf16 table on CPU is read by `cpu_matvec.take_rows`: XLA:CPU gathers bf16 through float32,
+    and in a decode loop it hoisted that widening of the whole table out of the loop (SmolLM2: a
+    113 MB float32 copy, 35 ms, on every `generate` call; `benchmarks.decode_profile`)."""
     table = params["embed"]
     if isinstance(table, Int8Rows):
         return jnp.take(table.q, tokens, axis=0).astype(table.dtype) * jnp.take(table.scale, tokens)[..., None]
+    if cpu_matvec.takes_rows(table):
+        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.take_rows(table, tokens),
+                                          default=lambda: jnp.take(table, tokens, axis=0))
     return jnp.take(table, tokens, axis=0)
 
 

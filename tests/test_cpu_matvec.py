@@ -108,6 +108,33 @@ def test_greedy_decoding_through_the_kernel_equals_decoding_through_xla(weights,
         assert a.tokens == b.tokens
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_take_rows_copies_the_stored_rows_and_clamps_ids(dtype):
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 37)), dtype)
+    ids = jnp.asarray([[3, 0, 49], [-5, 53, 7]], jnp.int32)
+    assert cpu_matvec.takes_rows(table) and not cpu_matvec.takes_rows(table.astype(jnp.float32))
+    for got in (cpu_matvec.take_rows(table, ids), jax.jit(cpu_matvec.take_rows)(table, ids)):
+        assert got.shape == (2, 3, 37) and got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[np.clip(np.asarray(ids), 0, 49)])
+
+
+def test_a_bf16_decode_loop_gathers_the_embedding_as_stored(monkeypatch):
+    """XLA:CPU gathers from a bf16 table through float32 and hoists the widening of the whole
+    table out of the decode loop; through `take_rows` the compiled loop holds no float32 table,
+    and decodes the same tokens."""
+    config = tiny_config(tie_word_embeddings=True)
+    params = decode_layout(convert_weights(init_params(config, jax.random.key(3), std=0.2), "bfloat16"))
+    widened = f"f32[{config.vocab_size},{config.hidden_size}]"
+    runs = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(cpu_matvec, "takes_rows", lambda table, on=kernel: on)
+        monkeypatch.setattr(engine, "_COMPILED", {})
+        runs[kernel] = generate(params, config, [[1, 2, 3, 4, 5]], 8, eos_token_ids=()).tokens
+        hlo = [exe for key, exe in engine._COMPILED.items() if key[0] == "decode_loop"][-1].as_text()
+        assert (widened in hlo) is not kernel and (cpu_matvec.TAKE_ROWS in hlo) is kernel
+    assert runs[True] == runs[False]
+
+
 def test_without_a_compiler_it_warns_once_and_decoding_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     monkeypatch.setenv("JAXMODELS_CACHE", str(tmp_path / "cache"))

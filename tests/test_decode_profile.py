@@ -5,9 +5,10 @@ import jax
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from benchmarks.decode_profile import profile_decode, wall_time_by_class
+from benchmarks.decode_profile import BETWEEN_OPS, profile_decode, wall_time_by_class
 from jaxmodels import init_params
 from jaxmodels.params import decode_layout
+from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights
 from jaxmodels.testing import tiny_config
 
 
@@ -30,14 +31,16 @@ def test_split_wall_time_adds_up_to_the_busy_time(spans):
         assert t <= sum(b - a for a, b, c in events if c == cls) + 1e-9
 
 
-def test_a_tiny_models_decode_loop_is_classified():
+def test_a_tiny_models_decode_loop_is_classified_in_every_weight_format():
     config = tiny_config(tie_word_embeddings=True)
-    params = decode_layout(init_params(config, jax.random.key(0)), output_major=False)
-    for output_major in (False, True):
-        res = profile_decode(params, config, [[1, 2, 3], [4, 5]], 6, output_major)
+    params = init_params(config, jax.random.key(0))
+    for weights in WEIGHT_FORMATS:
+        res = profile_decode(decode_layout(convert_weights(params, weights)), config, [[1, 2, 3], [4, 5]], 6)
         classes = res["classes"]
         per_step = {name: count for name, (_, count) in classes.items()}
-        assert per_step["weight matmuls"] == 7 * config.num_hidden_layers  # q, k, v, o, gate, up, down
-        assert per_step["LM head matmul"] == 1 and "attention" in per_step
-        assert sum(ms for ms, _ in classes.values()) <= res["traced_ms"] * 1.001
+        assert per_step["weight matmuls"] == 7 * config.num_hidden_layers, weights  # q, k, v, o, gate, up, down
+        assert per_step["LM head matmul"] == 1 and "attention" in per_step, weights
+        assert per_step.get("embedding lookup") == (1 if weights == "bfloat16" else None), weights  # take_rows
+        busy = sum(ms for name, (ms, _) in classes.items() if name != BETWEEN_OPS)
+        assert busy <= res["traced_ms"] * 1.001 and np.isclose(busy + classes[BETWEEN_OPS][0], res["traced_ms"])
         assert res["must_read"]["attention"] == 2 * 4 * 2 * 2 * 128 * 16 * 4  # 2 x L x B x KV x S x hd x 4 B
