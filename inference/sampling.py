@@ -67,6 +67,17 @@ def filter_logits(logits: jax.Array, temperature: jax.Array | float, top_k: int,
     return logits
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """argmax over the last axis as int32, exactly `jnp.argmax` (the first maximum; the first NaN if
+    any), as two plain reductions: the largest value, then the least index holding it. XLA:CPU runs
+    argmax as one reduction over (value, index) pairs, one element at a time: over SmolLM2's 49152
+    logits, 227 us at batch 1 and 972 us at batch 8 against 45 and 216 us this way (2-core EPYC)."""
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    hit = (logits == best) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def select_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig,
                  temperature: jax.Array | None = None, top_p: jax.Array | None = None) -> jax.Array:
     """Next token ids [B] int32 from logits [B, V].
@@ -75,7 +86,7 @@ def select_token(logits: jax.Array, key: jax.Array, sampling: SamplingConfig,
     `temperature` / `top_p` as traced scalars to reuse one compiled program across requests.
     """
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     temperature = sampling.temperature if temperature is None else temperature
     top_p = sampling.top_p if top_p is None else top_p
     filtered = filter_logits(logits, temperature, sampling.top_k, top_p,

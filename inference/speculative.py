@@ -26,7 +26,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from inference.sampling import SamplingConfig, filter_logits
+from inference.sampling import SamplingConfig, filter_logits, greedy_tokens
 from jaxmodels.attention_plan import LayerPlans
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
@@ -103,7 +103,7 @@ def _draft(params, config, spec, sampling, cache, pending, d_cur, key, temperatu
         hbuf = hbuf.at[:, i].set(h[:, 0])
         logits = exit_logits(head, config, h[:, 0])  # [B, K]
         if sampling.greedy:
-            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            token = greedy_tokens(logits)
         else:
             key, sub = jax.random.split(key)
             q = _probs(logits, draft_sampling, temperature, top_p)
@@ -131,7 +131,7 @@ def _accept(target_logits, drafts, qs, d_cur, key, sampling, temperature, top_p)
     d_max = drafts.shape[1]
     live = jnp.arange(d_max)[None] < d_cur  # [1, d_max]
     if sampling.greedy:
-        target = jnp.argmax(target_logits, axis=-1).astype(jnp.int32)  # [B, d_max+1]
+        target = greedy_tokens(target_logits)  # [B, d_max+1]
         ok = (drafts == target[:, :d_max]) & live
         a = jnp.sum(jnp.cumprod(ok, axis=1), axis=1)
         return a, jnp.take_along_axis(target, a[:, None], axis=1)[:, 0]

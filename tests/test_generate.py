@@ -4,8 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from inference import SamplingConfig, filter_logits, generate, generate_batches
+from inference.sampling import greedy_tokens
 from inference.engine import shape_bucket
 from jaxmodels import forward, init_params
 from jaxmodels.testing import tiny_config
@@ -80,6 +82,24 @@ def test_top_k_and_top_p_keep_exactly_the_right_support():
     assert kept(filter_logits(logits, 1.0, 0, 0.8, use_top_p=True)) == [1, 1, 1, 0, 0]
     assert kept(filter_logits(logits, 1.0, 0, 0.7, use_top_p=True)) == [1, 1, 0, 0, 0]
     assert kept(filter_logits(logits, 1.0, 0, 0.01, use_top_p=True)) == [1, 0, 0, 0, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.sampled_from([(1, 7), (3, 5), (2, 3, 40), (1, 1)]), seed=st.integers(0, 2**16),
+       levels=st.integers(1, 4), specials=st.lists(st.sampled_from([np.nan, np.inf, -np.inf]), max_size=3))
+def test_greedy_tokens_is_argmax_with_ties_nan_and_infinities(shape, seed, levels, specials):
+    """The first maximum wins a tie (few distinct values make ties common); a NaN anywhere in a row
+    wins at its first position; all -inf gives 0; for every batch shape, under jit too."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, shape).astype(np.float32)
+    for value in specials:
+        x[tuple(rng.integers(0, n) for n in shape)] = value
+    if rng.random() < 0.2:
+        x[...] = -np.inf
+    want = np.asarray(jnp.argmax(jnp.asarray(x), axis=-1))
+    for got in (greedy_tokens(jnp.asarray(x)), jax.jit(greedy_tokens)(jnp.asarray(x))):
+        assert got.dtype == jnp.int32 and got.shape == shape[:-1]
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_temperature_sampling_matches_the_softmax_distribution():
