@@ -137,9 +137,25 @@ def takes_rows(table: jax.Array) -> bool:
             and jnp.issubdtype(table.dtype, jnp.floating) and available())
 
 
+@jax.custom_vjp
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """table [V, D] rows at ids [...] (clamped to [0, V)) -> [..., D] in the table's dtype, copied as
-    stored. CPU only; see `takes_rows` for when to call it (XLA:CPU widens a bf16 table to gather)."""
+    stored. CPU only; see `takes_rows` for when to call it (XLA:CPU widens a bf16 table to gather).
+    Differentiable in the table (bf16 training computes through `embed_tokens` too)."""
     out = jax.ShapeDtypeStruct((ids.size, table.shape[1]), table.dtype)
     rows = jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, ids.reshape(-1).astype(jnp.int32))
     return rows.reshape(*ids.shape, table.shape[1])
+
+
+def _take_rows_fwd(table: jax.Array, ids: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return take_rows(table, ids), (table, ids)
+
+
+def _take_rows_bwd(residuals: tuple[jax.Array, jax.Array], grad: jax.Array) -> tuple[jax.Array, None]:
+    """The gather's transpose, as XLA's own: each row's cotangent added into its table row."""
+    table, ids = residuals
+    rows = jnp.clip(ids.reshape(-1), 0, table.shape[0] - 1)
+    return jnp.zeros_like(table).at[rows].add(grad.reshape(-1, table.shape[1]).astype(table.dtype)), None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
