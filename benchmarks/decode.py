@@ -27,7 +27,7 @@ from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, publish_report, mark
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from inference.engine import cache_dtype
-from jaxmodels.model import embed_tokens, exit_logits, run_layers, unstack_layers
+from jaxmodels.model import decode_embedding, exit_logits, run_layers, unstack_layers
 from jaxmodels.params import decode_layout
 from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, cpu_flags, weight_bytes
 
@@ -55,7 +55,7 @@ def cpu_extensions() -> str:
 def decoding_logits(params, config, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> float32 logits [B, T, V] as decoding computes them: hidden states in
     `engine.cache_dtype` (float32 on CPU, so bf16 weights are weight-only there)."""
-    h = embed_tokens(params, tokens).astype(cache_dtype(params["embed"].dtype))
+    h = decode_embedding(params, tokens, cache_dtype(params["embed"].dtype))
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     return exit_logits(params, config, run_layers(params, config, h, positions)[0]).astype(jnp.float32)
 

@@ -24,7 +24,7 @@ from inference.validate import (check_attention_impl, check_attention_plan, chec
 from jaxmodels.attention_plan import LayerPlans, k_slots, take_plan_rows
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from jaxmodels.model import Params, decode_embedding, exit_logits, run_layers
 from jaxmodels.params import decode_layout
 
 MIN_PROMPT_BUCKET = 16
@@ -128,7 +128,7 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, cache: KVCach
     """Run right-padded prompts tokens [B, T] through layers [0, stop) and the shared exit;
     logits [B, V] at each row's end. `plan`: per-layer attention plans (None = dense)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1])[None], tokens.shape)
-    h, cache, _ = run_layers(params, config, embed_tokens(params, tokens).astype(cache.dtype), positions, cache,
+    h, cache, _ = run_layers(params, config, decode_embedding(params, tokens, cache.dtype), positions, cache,
                              stop=stop, plan=plan)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
     return cache.replace(lengths=lengths), exit_logits(params, config, last)
@@ -138,7 +138,7 @@ def decode_step(params: Params, config: LlamaConfig, token: jax.Array, cache: KV
                 stop: int | None = None, plan: LayerPlans | None = None) -> tuple[KVCache, jax.Array]:
     """Append one token [B] per row at the row's length through layers [0, stop) and the shared
     exit; returns the next logits [B, V]."""
-    h, cache, _ = run_layers(params, config, embed_tokens(params, token[:, None]).astype(cache.dtype),
+    h, cache, _ = run_layers(params, config, decode_embedding(params, token[:, None], cache.dtype),
                              cache.lengths[:, None], cache, stop=stop, plan=plan)
     return cache.replace(lengths=cache.lengths + 1), exit_logits(params, config, h[:, 0])
 

@@ -30,7 +30,7 @@ from inference.sampling import SamplingConfig, filter_logits, greedy_tokens
 from jaxmodels.attention_plan import LayerPlans
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
+from jaxmodels.model import Params, decode_embedding, exit_logits, run_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class SpecStats(NamedTuple):
 
 
 def _layers(params, config, tokens_or_h, positions, cache, start, stop, *, embed: bool, plan=None):
-    h = embed_tokens(params, tokens_or_h).astype(cache.dtype) if embed else tokens_or_h
+    h = decode_embedding(params, tokens_or_h, cache.dtype) if embed else tokens_or_h
     h, cache, _ = run_layers(params, config, h, positions, cache, start=start, stop=stop, plan=plan)
     return h, cache
 

@@ -9,7 +9,7 @@ over one token, on the kernel, measured 3x the time of one over five, on XLA; wa
 thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with
 the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused while source,
 compiler, jaxlib and CPU stay the same. The same library holds `take_rows`, the embedding lookup of
-a bf16 table on CPU (`model.embed_tokens`: XLA:CPU would widen the whole table to gather from it).
+a bf16 table when decoding on CPU (`model.decode_embedding`: XLA:CPU would widen the whole table).
 
 `layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`; anything
 else (GPU, TPU, prefill, training) keeps the XLA product. With no compiler, or with
@@ -141,7 +141,7 @@ def takes_rows(table: jax.Array) -> bool:
 def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     """table [V, D] rows at ids [...] (clamped to [0, V)) -> [..., D] in the table's dtype, copied as
     stored. CPU only; see `takes_rows` for when to call it (XLA:CPU widens a bf16 table to gather).
-    Differentiable in the table (bf16 training computes through `embed_tokens` too)."""
+    Differentiable in the table (its gradient is the gather's scatter-add)."""
     out = jax.ShapeDtypeStruct((ids.size, table.shape[1]), table.dtype)
     rows = jax.ffi.ffi_call(TAKE_ROWS, out, vmap_method="sequential")(table, ids.reshape(-1).astype(jnp.int32))
     return rows.reshape(*ids.shape, table.shape[1])

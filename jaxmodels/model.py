@@ -34,24 +34,30 @@ from jaxmodels.params import (LAYER_KEYS, Params, check_param_shapes, init_param
 from jaxmodels.weights import LAYER_WEIGHTS, MODEL_WEIGHTS
 
 __all__ = ["LAYER_KEYS", "Params", "check_param_shapes", "init_params", "layer_slice", "param_shapes",
-           "unstack_layers", "embed_tokens", "exit_logits", "LayerContext", "decoder_layer", "run_layers",
+           "unstack_layers", "embed_tokens", "decode_embedding", "exit_logits", "LayerContext", "decoder_layer", "run_layers",
            "forward", "plans_from_prefix", "LayerStack", "Llama"]
 
 
 # --------------------------------------------------------------------------- functional core
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
-    """tokens [B, T] int -> hidden [B, T, D].
-
-    A bf16 table on CPU is read by `cpu_matvec.take_rows`: XLA:CPU gathers bf16 through float32,
-    and in a decode loop it hoisted that widening of the whole table out of the loop (SmolLM2: a
-    113 MB float32 copy, 35 ms, on every `generate` call; `benchmarks.decode_profile`)."""
+    """tokens [B, T] int -> hidden [B, T, D]."""
     table = params["embed"]
     if isinstance(table, Int8Rows):
         return jnp.take(table.q, tokens, axis=0).astype(table.dtype) * jnp.take(table.scale, tokens)[..., None]
-    if cpu_matvec.takes_rows(table):
-        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.take_rows(table, tokens),
-                                          default=lambda: jnp.take(table, tokens, axis=0))
     return jnp.take(table, tokens, axis=0)
+
+
+def decode_embedding(params: Params, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`embed_tokens` as decoding starts from it: in `dtype` (the KV cache's, `KVCache.dtype`). A
+    bf16 table on CPU is read by `cpu_matvec.take_rows`: XLA:CPU gathers bf16 through float32, and
+    in a decode loop it hoisted that widening of the whole table out of the loop (SmolLM2: a 113 MB
+    float32 copy, 35 ms, on every `generate` call; `benchmarks.decode_profile`)."""
+    table = params["embed"]
+    if not isinstance(table, Int8Rows) and cpu_matvec.takes_rows(table):
+        rows = jax.lax.platform_dependent(cpu=lambda: cpu_matvec.take_rows(table, tokens),
+                                          default=lambda: embed_tokens(params, tokens))
+        return rows.astype(dtype)
+    return embed_tokens(params, tokens).astype(dtype)
 
 
 def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
