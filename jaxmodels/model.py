@@ -34,8 +34,8 @@ from jaxmodels.params import (LAYER_KEYS, Params, check_param_shapes, init_param
 from jaxmodels.weights import LAYER_WEIGHTS, MODEL_WEIGHTS
 
 __all__ = ["LAYER_KEYS", "Params", "check_param_shapes", "init_params", "layer_slice", "param_shapes",
-           "unstack_layers", "embed_tokens", "decode_embedding", "exit_logits", "LayerContext", "decoder_layer", "run_layers",
-           "forward", "plans_from_prefix", "LayerStack", "Llama"]
+           "unstack_layers", "embed_tokens", "decode_embedding", "exit_logits", "LayerContext", "decoder_layer",
+           "run_layers", "forward", "plans_from_prefix", "LayerStack", "Llama"]
 
 
 # --------------------------------------------------------------------------- functional core
