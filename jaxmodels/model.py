@@ -53,11 +53,11 @@ def decode_embedding(params: Params, tokens: jax.Array, dtype: jnp.dtype) -> jax
     in a decode loop it hoisted that widening of the whole table out of the loop (SmolLM2: a 113 MB
     float32 copy, 35 ms, on every `generate` call; `benchmarks.decode_profile`)."""
     table = params["embed"]
-    if not isinstance(table, Int8Rows) and cpu_matvec.takes_rows(table):
-        rows = jax.lax.platform_dependent(cpu=lambda: cpu_matvec.take_rows(table, tokens),
-                                          default=lambda: embed_tokens(params, tokens))
-        return rows.astype(dtype)
-    return embed_tokens(params, tokens).astype(dtype)
+    if isinstance(table, Int8Rows) or not cpu_matvec.takes_rows(table):
+        return embed_tokens(params, tokens).astype(dtype)
+    rows = jax.lax.platform_dependent(cpu=lambda: cpu_matvec.take_rows(table, tokens),
+                                      default=lambda: embed_tokens(params, tokens))
+    return rows.astype(dtype)
 
 
 def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:

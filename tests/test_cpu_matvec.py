@@ -116,7 +116,7 @@ def test_take_rows_copies_the_stored_rows_and_clamps_ids(dtype):
     for got in (cpu_matvec.take_rows(table, ids), jax.jit(cpu_matvec.take_rows)(table, ids)):
         assert got.shape == (2, 3, 37) and got.dtype == dtype
         np.testing.assert_array_equal(np.asarray(got), np.asarray(table)[np.clip(np.asarray(ids), 0, 49)])
-    # differentiable in the table (bf16 training embeds through it): the same gradient as jnp.take's
+    # differentiable in the table (`decode_embedding` is public): the same gradient as jnp.take's
     ids = jnp.clip(ids, 0, 49)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 37)), jnp.float32)
     loss = lambda take: lambda t: (take(t, ids).astype(jnp.float32) * weights).sum()  # noqa: E731
