@@ -11,7 +11,8 @@ the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused 
 compiler, jaxlib and CPU stay the same. The same library holds `take_rows`, the embedding lookup of
 a bf16 table when decoding on CPU (`model.decode_embedding`: XLA:CPU would widen the whole table).
 
-`layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`; anything
+`layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`, and
+`layers.dense_many` for several weights on one input in one call (`matvecs`); anything
 else (GPU, TPU, prefill, training) keeps the XLA product. With no compiler, or with
 `JAXMODELS_CPU_MATVEC=0`, decoding falls back to XLA with one warning that says why. Each output
 row's sum runs in the same order whatever the batch, so a row's result does not depend on the
@@ -30,6 +31,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,15 +122,27 @@ def matvec(x: jax.Array, wt: jax.Array, scale: jax.Array | None = None) -> jax.A
     """x [..., m] times a weight stored output-major wt [n, m] (float32, bf16 or int8), each output
     column times scale [n] if given: [..., n] in x's dtype, computed in float32. CPU only; see
     `applies` for when to call it."""
+    return matvecs(x, [wt], [scale])[0]
+
+
+def matvecs(x: jax.Array, wts: Sequence[jax.Array], scales: Sequence[jax.Array | None]) -> list[jax.Array]:
+    """`matvec(x, wt, scale)` for several weights of one dtype in one call, which shares the
+    threads' work among them: a layer's q, k and v in one call took 1.03 ms against 1.94 ms as
+    three (SmolLM2, 30 layers, bf16, batch 1). Each result equals its own `matvec`, bit for bit."""
     if not available():
         raise ConfigError(f"the CPU decode kernel is not available (switched off by {ENV_SWITCH}=0, or it "
                           "failed to build: see the warning); check `applies` before calling `matvec`")
-    n, m = wt.shape
-    rows = x.reshape(-1, m).astype(jnp.float32)  # [B, m]
-    scale = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
-    out = jax.ShapeDtypeStruct((rows.shape[0], n), jnp.float32)
-    y = jax.ffi.ffi_call(TARGETS[jnp.dtype(wt.dtype)], out, vmap_method="sequential")(rows, wt, scale)
-    return y.reshape(*x.shape[:-1], n).astype(x.dtype)
+    dtypes = {jnp.dtype(wt.dtype) for wt in wts}
+    if len(dtypes) != 1 or len(wts) != len(scales) or any(wt.shape[1] != x.shape[-1] for wt in wts):
+        raise ConfigError(f"matvecs: weights [n, {x.shape[-1]}] of one dtype and a scale (or None) each; got "
+                          f"{[(wt.shape, str(wt.dtype)) for wt in wts]} and {len(scales)} scales")
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [B, m]
+    operands = []
+    for wt, scale in zip(wts, scales):
+        operands += [wt, jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)]
+    out = [jax.ShapeDtypeStruct((rows.shape[0], wt.shape[0]), jnp.float32) for wt in wts]
+    ys = jax.ffi.ffi_call(TARGETS[dtypes.pop()], out, vmap_method="sequential")(rows, *operands)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype) for y in ys]
 
 
 def takes_rows(table: jax.Array) -> bool:

@@ -8,6 +8,7 @@ rotate-half RoPE) so imported checkpoints give the same logits.
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,29 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
     if isinstance(w, OutputMajor):
         return output_major_matmul(w.wt, x)
     return x @ w
+
+
+def dense_many(ws: Sequence[Any], x: jax.Array) -> list[jax.Array]:
+    """[dense(w, x) for w in ws], in one CPU decode kernel call where every weight is output-major in
+    one dtype and the kernel applies (a layer's q, k, v; gate and up): one call shares its threads'
+    work among the weights (`cpu_matvec.matvecs`). The same numbers as one `dense` per weight."""
+    stored = [_output_major_parts(w) for w in ws]
+    if len(ws) > 1 and all(stored) and all(cpu_matvec.applies(wt, x) for wt, _ in stored) \
+            and len({jnp.dtype(wt.dtype) for wt, _ in stored}) == 1:
+        wts, scales = [wt for wt, _ in stored], [scale for _, scale in stored]
+        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.matvecs(x, wts, scales),
+                                          default=lambda: [_xla_matmul(wt, x, sc) for wt, sc in stored])
+    return [dense(w, x) for w in ws]
+
+
+def _output_major_parts(w: Any) -> tuple[jax.Array, jax.Array | None] | None:
+    """(wt [n, m], scale [n] or None) of an output-major weight (`OutputMajor`, or int8 over one);
+    None for any other weight."""
+    if isinstance(w, OutputMajor):
+        return w.wt, None
+    if isinstance(w, Int8Weight) and isinstance(w.q, OutputMajor):
+        return w.q.wt, w.scale
+    return None
 
 
 def output_major_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
@@ -132,4 +156,5 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def swiglu(x: jax.Array, w_gate: jax.Array | LowRank, w_up: jax.Array | LowRank,
            w_down: jax.Array | LowRank) -> jax.Array:
     """Llama MLP: down(silu(x @ gate) * (x @ up)). x [..., D]; w_gate/w_up [D, F]; w_down [F, D]."""
-    return dense(w_down, jax.nn.silu(dense(w_gate, x)) * dense(w_up, x))
+    gate, up = dense_many([w_gate, w_up], x)
+    return dense(w_down, jax.nn.silu(gate) * up)

@@ -26,7 +26,7 @@ from jaxmodels.attention import KVState, attend
 from jaxmodels.attention_plan import AttentionPlan, LayerPlans, plan_signature, stack_plans
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
-from jaxmodels.layers import (apply_rope, dense, output_major_matmul, rms_norm, rope_cos_sin,
+from jaxmodels.layers import (apply_rope, dense, dense_many, output_major_matmul, rms_norm, rope_cos_sin,
                               rope_inverse_frequencies, swiglu)
 from jaxmodels.quantize import Int8Rows
 from jaxmodels.params import (LAYER_KEYS, Params, check_param_shapes, init_params, layer_pieces, layer_slice,
@@ -76,9 +76,10 @@ def _qkv(lp: Params, config: LlamaConfig, h: jax.Array, cos: jax.Array, sin: jax
     b, t, _ = h.shape
     hd, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
-    q = apply_rope(dense(lp["wq"], x).reshape(b, t, nh, hd), cos, sin)
-    k = apply_rope(dense(lp["wk"], x).reshape(b, t, nkv, hd), cos, sin)
-    v = dense(lp["wv"], x).reshape(b, t, nkv, hd)
+    q, k, v = dense_many([lp["wq"], lp["wk"], lp["wv"]], x)  # one CPU decode kernel call where it applies
+    q = apply_rope(q.reshape(b, t, nh, hd), cos, sin)
+    k = apply_rope(k.reshape(b, t, nkv, hd), cos, sin)
+    v = v.reshape(b, t, nkv, hd)
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 

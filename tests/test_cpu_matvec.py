@@ -11,6 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 from inference import engine, generate
 from jaxmodels import cpu_matvec, init_params
+from jaxmodels.config import ConfigError
 from jaxmodels.params import decode_layout
 from jaxmodels.quantize import convert_weights
 from jaxmodels.testing import tiny_config
@@ -66,6 +67,31 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     batched = np.asarray(cpu_matvec.matvec(x, wt))
     alone = np.stack([np.asarray(cpu_matvec.matvec(x[i:i + 1], wt))[0] for i in range(13)])
     np.testing.assert_array_equal(batched, alone)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_several_weights_in_one_call_equal_one_call_each(dtype):
+    """`matvecs` shares one call's chunks among the weights (a tiny one, one on the calling thread
+    alone, one split among threads): each result is its own `matvec`, bit for bit."""
+    rng = np.random.default_rng(5)
+    weights = [_weight(rng, n, 600, dtype) for n in (3, 60, 1001)]
+    x = jnp.asarray(rng.standard_normal((5, 600)).astype(np.float32))
+    together = jax.jit(cpu_matvec.matvecs)(x, [w for w, _, _ in weights], [s for _, s, _ in weights])
+    for (wt, scale, _), got in zip(weights, together):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(cpu_matvec.matvec(x, wt, scale)))
+    with pytest.raises(ConfigError, match="one dtype"):
+        cpu_matvec.matvecs(x, [weights[0][0], weights[1][0].astype(jnp.float16)], [None, None])
+
+
+def test_a_decode_step_calls_the_kernel_once_for_q_k_v_and_once_for_gate_up(monkeypatch):
+    """`layers.dense_many`: 4 kernel calls per layer (q/k/v, o, gate/up, down) and one for the head."""
+    config = tiny_config(tie_word_embeddings=True)
+    params = decode_layout(convert_weights(init_params(config, jax.random.key(3), std=0.2), "bfloat16"))
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    generate(params, config, [[1, 2, 3]], 4, eos_token_ids=())
+    hlo = [exe for key, exe in engine._COMPILED.items() if key[0] == "decode_loop"][-1].as_text()
+    calls = hlo.count(f'custom_call_target="{cpu_matvec.TARGETS[jnp.dtype(jnp.bfloat16)]}"')
+    assert calls == 4 * config.num_hidden_layers + 1, calls
 
 
 def test_it_runs_under_jit_loops_and_vmap_and_keeps_the_input_dtype():
