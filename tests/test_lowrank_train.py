@@ -14,6 +14,7 @@ from jaxmodels.config import LlamaConfig
 from jaxmodels.convert.load import load_model
 from jaxmodels.params import init_params
 from jaxmodels.weights import LayerVariants, LowRank
+from tests.conftest import FAST_COMPILE
 from training import lowrank
 from training.config import ConfigError, load_config
 from training.step import build_steps
@@ -181,7 +182,7 @@ def test_switch_at_width_512_finishes_on_few_cpu_threads():
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE}  # one CPU device
     done = subprocess.run([sys.executable, "-c", SWITCH_AT_WIDTH_512], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "switched" in done.stdout, done.stderr[-2000:]

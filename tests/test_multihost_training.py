@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FAST_COMPILE
 from training.runlock import RunLock
 from training.testing import small_corpus
 from training.train import main
@@ -71,7 +72,7 @@ class Cluster:
         self.procs = []
         for i in range(2):
             env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-                       XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                       XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE}",
                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                        JAX_DISTRIBUTED_TIMEOUT="60", JAX_COMPILATION_CACHE_DIR=str(jit_cache),
                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", STEP_SLEEP=str(step_sleep))

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 nbformat = pytest.importorskip("nbformat", reason="the test extra installs nbformat/nbclient/ipykernel")
 
 COLAB = Path(__file__).resolve().parents[1] / "colab"
@@ -32,7 +34,7 @@ def test_committed_notebook_shows_its_outputs(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_short_mode(path, monkeypatch, tmp_path):
     """A failing cell raises CellExecutionError and fails this test. One CPU device, as on Colab."""
-    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # no fake devices
     monkeypatch.setenv("JAXMODELS_CACHE", str(tmp_path / "cache"))
     _, executed = execute.run_notebook(path, quick=True, save=False, timeout=600)
     cells = [c for c in executed.cells if c.cell_type == "code"]
