@@ -11,8 +11,8 @@ the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused 
 compiler, jaxlib and CPU stay the same. The same library holds `take_rows`, the embedding lookup of
 a bf16 table when decoding on CPU (`model.decode_embedding`: XLA:CPU would widen the whole table).
 
-`layers.output_major_matmul` uses it on CPU for up to `MAX_ROWS` rows when `available()`, and
-`layers.dense_many` for several weights on one input in one call (`matvecs`); anything
+`layers.output_major_matmuls` uses it on CPU for up to `MAX_ROWS` rows when `available()`, several
+weights on one input in one call (`matvecs`: a layer's q/k/v, gate/up, via `layers.dense_many`); anything
 else (GPU, TPU, prefill, training) keeps the XLA product. With no compiler, or with
 `JAXMODELS_CPU_MATVEC=0`, decoding falls back to XLA with one warning that says why. Each output
 row's sum runs in the same order whatever the batch, so a row's result does not depend on the

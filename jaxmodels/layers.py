@@ -33,25 +33,21 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
         return dense(w.w, _gram_tap(x, w.gram))
     if isinstance(w, LowRank):
         return dense(w.v, dense(w.u, x))
+    stored = _output_major_parts(w)
+    if stored is not None:
+        return output_major_matmuls([stored], x)[0]
     if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul
-        if isinstance(w.q, OutputMajor):
-            return output_major_matmul(w.q.wt, x, w.scale)
         return dense(w.q.astype(x.dtype), x) * w.scale.astype(x.dtype)
-    if isinstance(w, OutputMajor):
-        return output_major_matmul(w.wt, x)
     return x @ w
 
 
 def dense_many(ws: Sequence[Any], x: jax.Array) -> list[jax.Array]:
-    """[dense(w, x) for w in ws], in one CPU decode kernel call where every weight is output-major in
-    one dtype and the kernel applies (a layer's q, k, v; gate and up): one call shares its threads'
-    work among the weights (`cpu_matvec.matvecs`). The same numbers as one `dense` per weight."""
+    """[dense(w, x) for w in ws], with the output-major ones (a layer's q, k, v; gate and up in the
+    CPU decoding layout) in one `output_major_matmuls` call: on the CPU decode kernel one call
+    shares its threads' work among the weights. The same numbers as one `dense` per weight."""
     stored = [_output_major_parts(w) for w in ws]
-    if len(ws) > 1 and all(stored) and all(cpu_matvec.applies(wt, x) for wt, _ in stored) \
-            and len({jnp.dtype(wt.dtype) for wt, _ in stored}) == 1:
-        wts, scales = [wt for wt, _ in stored], [scale for _, scale in stored]
-        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.matvecs(x, wts, scales),
-                                          default=lambda: [_xla_matmul(wt, x, sc) for wt, sc in stored])
+    if all(part is not None for part in stored):
+        return output_major_matmuls(stored, x)
     return [dense(w, x) for w in ws]
 
 
@@ -67,15 +63,22 @@ def _output_major_parts(w: Any) -> tuple[jax.Array, jax.Array | None] | None:
 
 def output_major_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., m] @ wt.T -> [..., n] for a weight stored [n, m] (an embedding table as LM head, or
-    `OutputMajor`), each output column times scale [n] if given (int8 weights).
+    `OutputMajor`), each output column times scale [n] if given (int8 weights)."""
+    return output_major_matmuls([(wt, scale)], x)[0]
 
-    On CPU, up to `cpu_matvec.MAX_ROWS` rows run the CPU decode kernel where it is built: it reads
-    float32, bf16 or int8 weights as stored. `platform_dependent` keeps it out of programs lowered
-    for another platform from a CPU host (`training.aot`'s TPU decode step). Otherwise `_xla_matmul`."""
-    if cpu_matvec.applies(wt, x):
-        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.matvec(x, wt, scale),
-                                          default=lambda: _xla_matmul(wt, x, scale))
-    return _xla_matmul(wt, x, scale)
+
+def output_major_matmuls(weights: Sequence[tuple[jax.Array, jax.Array | None]], x: jax.Array) -> list[jax.Array]:
+    """`output_major_matmul(wt, x, scale)` for each (wt, scale) of `weights`.
+
+    On CPU, up to `cpu_matvec.MAX_ROWS` rows run the CPU decode kernel where it is built, all the
+    weights in one call when they share a dtype: it reads float32, bf16 or int8 weights as stored.
+    `platform_dependent` keeps it out of programs lowered for another platform from a CPU host
+    (`training.aot`'s TPU decode step). Otherwise `_xla_matmul` per weight."""
+    xla = lambda: [_xla_matmul(wt, x, scale) for wt, scale in weights]  # noqa: E731
+    if all(cpu_matvec.applies(wt, x) for wt, _ in weights) and len({jnp.dtype(wt.dtype) for wt, _ in weights}) == 1:
+        wts, scales = [wt for wt, _ in weights], [scale for _, scale in weights]
+        return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.matvecs(x, wts, scales), default=xla)
+    return xla()
 
 
 def _xla_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None) -> jax.Array:
