@@ -19,7 +19,8 @@ import numpy as np
 
 from benchmarks.gpu_timing import Budget, per_call_seconds
 from jaxmodels.attention import gqa_attention
-from pallas_kernels.attention import attention, attention_reference, gqa_tables
+from pallas_kernels import KernelError
+from pallas_kernels.attention import attention, attention_reference, check_hopper_shapes, gqa_tables
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,38 @@ class Case:
                     jnp.full((batch,), context - num_q + 1, jnp.int32))  # the last query sees the whole cache
 
 
+def suite_kernel(shape: AttentionShape, interpret: bool) -> str:
+    """The Pallas GPU kernel "auto" would pick for this shape: "hopper" (Mosaic GPU) on an sm_90 GPU
+    (or interpreted) for the dtypes and head sizes it takes, else "gpu" (Triton)."""
+    from pallas_kernels.attention import default_kernel
+
+    probe = jnp.zeros((1, 1, shape.heads, shape.head_dim), shape.dtype)
+    cache = jnp.zeros((1, shape.kv_heads, 64, shape.head_dim), shape.dtype)
+    if not interpret:
+        return default_kernel(probe, cache, cache)
+    try:
+        check_hopper_shapes(probe, cache, cache, 64)
+    except KernelError:
+        return "gpu"
+    return "hopper"
+
+
 def _jnp_path(q, k, v, lengths):
-    """The model's own cached attention (`jaxmodels.attention.gqa_attention`, what "auto" runs on GPU)."""
+    """The model's own cached attention (`jaxmodels.attention.gqa_attention`, the reference path)."""
     b, t, _, hd = q.shape
     positions = lengths[:, None] - 1 + jnp.arange(t)[None, :]
     return gqa_attention(q, k.reshape(-1, k.shape[2], hd), v.reshape(-1, v.shape[2], hd), positions,
                          jnp.arange(k.shape[2]))
 
 
-def implementations(interpret: bool, on_gpu: bool) -> dict[str, tuple[str, Callable]]:
-    """name -> (cache layout "ours" | "seq", fn(q, k, v, lengths) -> [B, S_q, H, hd]) for decoding."""
+def implementations(interpret: bool, on_gpu: bool, kernel: str = "gpu") -> dict[str, tuple[str, Callable]]:
+    """name -> (cache layout "ours" | "seq", fn(q, k, v, lengths) -> [B, S_q, H, hd]) for decoding.
+    "ours (Pallas)" is `kernel`; when that is the Hopper kernel, "ours (Triton)" is timed too."""
     from jax.experimental.pallas.ops.gpu import decode_attention
 
-    def ours(q, k, v, lengths):
-        return attention(q, k, v, lengths, *gqa_tables(q.shape[0], q.shape[2], v.shape[1]), impl="pallas",
-                         kernel="gpu", interpret=interpret)
+    def pallas(name):
+        return lambda q, k, v, lengths: attention(q, k, v, lengths, *gqa_tables(q.shape[0], q.shape[2], v.shape[1]),
+                                                  impl="pallas", kernel=name, interpret=interpret)
 
     def reference(q, k, v, lengths):
         return attention_reference(q, k, v, lengths, *gqa_tables(q.shape[0], q.shape[2], v.shape[1]))
@@ -83,7 +101,10 @@ def implementations(interpret: bool, on_gpu: bool) -> dict[str, tuple[str, Calla
         return lambda q, k, v, lengths: jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                                                      implementation=impl)
 
-    impls = {"ours (Pallas)": ("ours", ours), "model jnp path": ("ours", _jnp_path),
+    impls = {"ours (Pallas)": ("ours", pallas(kernel))}
+    if kernel == "hopper":
+        impls["ours (Triton)"] = ("ours", pallas("gpu"))
+    impls |= {"model jnp path": ("ours", _jnp_path),
              "reference": ("ours", reference), "jax decode kernel": ("ours", jax_decode_kernel),
              "XLA dot_product_attention": ("seq", dot_product("xla"))}
     if on_gpu:
@@ -127,7 +148,7 @@ def _timed_cell(name: str, fn: Callable, case: Case, layout: str, kv_bytes: int,
 def kernel_rows(s, budget: Budget, bandwidth: float, on_gpu: bool) -> tuple[list[list], list[str]]:
     """One row per (context, batch): each implementation's µs per decode call, our kernel's GB/s and
     share of the measured bandwidth, verify(d+1) / decode for our kernel, and the worst error."""
-    impls = implementations(s.interpret, on_gpu)
+    impls = implementations(s.interpret, on_gpu, suite_kernel(s.shape, s.interpret))
     rows, notes = [], []
     for context in s.contexts:
         for batch in s.batches:
@@ -142,7 +163,8 @@ def kernel_rows(s, budget: Budget, bandwidth: float, on_gpu: bool) -> tuple[list
                 errors.append(err)
             ours = cells["ours (Pallas)"]
             verify = _verify_ratio(s, batch, context, ours)
-            others = [c for n, c in cells.items() if n not in ("ours (Pallas)", "reference") and isinstance(c, float)]
+            others = [c for n, c in cells.items() if not n.startswith("ours") and n != "reference"
+                      and isinstance(c, float)]
             gbs = kv_bytes / (ours * 1e-6) / 1e9 if isinstance(ours, float) else float("nan")
             best_other = ours / min(others) if others and isinstance(ours, float) else float("nan")
             rows.append([context, batch, kv_bytes / 1e6, *cells.values(), gbs, 100 * gbs * 1e9 / bandwidth,
@@ -158,7 +180,7 @@ def _verify_ratio(s, batch: int, context: int, decode_us) -> float:
     if not isinstance(decode_us, float):
         return float("nan")
     case = Case.random(s.shape, batch, context, num_q=s.verify_tokens)
-    fn = implementations(s.interpret, False)["ours (Pallas)"][1]
+    fn = implementations(s.interpret, False, suite_kernel(s.shape, s.interpret))["ours (Pallas)"][1]
     secs = time_case(fn, (case.q, case.k, case.v, case.lengths), s.shape.kv_bytes(batch, context), s.loop_bytes,
                      s.repeats)
     return secs * 1e6 / decode_us
@@ -189,8 +211,10 @@ def plan_rows(s, budget: Budget) -> tuple[list[list], list[str]]:
     shape, batch, context = s.mha_shape, s.plan_batch, s.plan_context
     h = shape.heads
 
+    which = suite_kernel(shape, s.interpret)
+
     def kernel(tables):
-        return lambda q, k, v, lengths: attention(q, k, v, lengths, *tables, impl="pallas", kernel="gpu",
+        return lambda q, k, v, lengths: attention(q, k, v, lengths, *tables, impl="pallas", kernel=which,
                                                   interpret=s.interpret)
 
     kinds = [("dense", None, gqa_tables(batch, h, h), 1.0)]

@@ -18,7 +18,7 @@ model predicts no gain for this model, it says so and decodes plainly.
 `python -m inference.chai_calibrate` (each request's cluster maps come from its first 5 prompt
 tokens; `inference.chai_generate`); it combines with every mode above, and `--json` reports
 `kv_cache_bytes` next to `dense_kv_cache_bytes`.
-`--attention-impl` picks how cached attention runs: `auto` (the Pallas kernel on TPU, jnp elsewhere),
+`--attention-impl` picks how cached attention runs: `auto` (a Pallas kernel on TPU and GPU, jnp on CPU),
 `reference` (jnp) or `pallas` (`pallas_kernels.attention`); `--interpret` runs the Pallas kernel in
 interpret mode, so it can be checked end to end on CPU (slow).
 
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight format for decoding: bfloat16 (half the bytes) or int8 weight-only (a quarter); "
                         "both lossy, float32 is exact (jaxmodels/quantize.py)")
     p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto",
-                   help="cached attention: auto (Pallas kernel on TPU, jnp elsewhere), reference, pallas")
+                   help="cached attention: auto (a Pallas kernel on TPU and GPU, jnp on CPU), reference, pallas")
     p.add_argument("--interpret", action="store_true",
                    help="with --attention-impl pallas: run the kernel in interpret mode (slow; checks it on CPU)")
     p.add_argument("--chai", metavar="FILE",

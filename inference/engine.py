@@ -218,8 +218,8 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     `progress(message)` is called before each compilation. `attention_plan`: one attention plan per
     layer (`jaxmodels.attention_plan`; None entries are dense layers), one row per prompt; prefill,
     decoding and both halves of self-speculation run with it, and the KV cache is built for it
-    (a clustered layer keeps fewer K slots). `attention_impl` ("auto": the Pallas kernel on TPU,
-    jnp elsewhere; "reference"; "pallas") picks how cached attention runs; `interpret` runs the
+    (a clustered layer keeps fewer K slots). `attention_impl` ("auto": a Pallas kernel on TPU and
+    GPU, jnp on CPU; "reference"; "pallas") picks how cached attention runs; `interpret` runs the
     Pallas kernels in interpret mode (slow; to check them on CPU).
     """
     req = check_request(params, config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,

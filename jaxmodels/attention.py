@@ -130,9 +130,9 @@ KERNEL_MAX_QUERIES = 16  # the kernels serve decoding and verification; a prefil
 
 
 def _uses_kernel(impl: str, num_queries: int) -> bool:
-    """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU, for up to
-    KERNEL_MAX_QUERIES new tokens per row."""
-    wanted = impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
+    """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU or GPU, for up
+    to KERNEL_MAX_QUERIES new tokens per row."""
+    wanted = impl == "pallas" or (impl == "auto" and jax.default_backend() in ("tpu", "gpu"))
     return wanted and num_queries <= KERNEL_MAX_QUERIES
 
 

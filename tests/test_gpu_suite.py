@@ -28,18 +28,19 @@ def _rows(result, part):
 def test_tiny_suite_fills_every_part_with_checked_rows(tiny_run):
     body, result = tiny_run
     header, rows = _rows(result, "decode attention")
-    assert len(rows) == 2  # context 64 x batches (1, 2), none skipped
+    assert len(rows) == 2  # context 128 x batches (1, 2), none skipped
+    assert "ours (Triton) µs" in header  # bf16, hd 64: "ours" is the Hopper kernel, Triton beside it
     for row in rows:
         cells = dict(zip(header, row))
         assert not any(isinstance(v, str) and v.startswith("failed") for v in row), cells
-        assert cells["max rel. error vs reference"] < 1e-4  # every implementation agreed with the reference
+        assert cells["max rel. error vs reference"] < 1e-2  # every implementation agreed (bf16 outputs)
         assert cells["verify(5) / decode"] > 0
     header, rows = _rows(result, "CHAI and head-sparse tables")
     assert [r[0] for r in rows] == ["dense", "CHAI, 2 clusters", "head-sparse, 2 of 4 heads"]
     assert [r[3] for r in rows] == [1.0, pytest.approx(8 / 6), 2.0]  # 2H / (H + C) and H / K
     assert max(r[-1] for r in rows) < 1e-4
     header, rows = _rows(result, "SmolLM2 decoding")
-    assert [(r[0], r[1]) for r in rows] == [(1, "auto"), (1, "pallas"), (2, "auto"), (2, "pallas")]
+    assert [(r[0], r[1]) for r in rows] == [(1, "reference"), (1, "pallas"), (2, "reference"), (2, "pallas")]
     header, rows = _rows(result, "LayerSkip self-speculation")
     assert rows[0][1] == "plain" and rows[1][1] == "E=2, d=2"
     assert rows[1][-1] is True  # self-speculation gave plain greedy decoding's tokens

@@ -1,9 +1,11 @@
 """Index-mapped attention (`pallas_kernels.attention`): the TPU and GPU kernels in interpret mode
 against the jnp reference over many shapes and tables, the reference against the model's own
 attention (dense GQA and a CHAI plan), the errors, the TPU kernel compiled for real TPUs (v5e, v6e)
-through libtpu, and the GPU kernel lowered for cuda."""
+through libtpu, and the GPU kernels (Triton; Mosaic GPU for Hopper) lowered for cuda."""
 
+import dataclasses
 import importlib.util
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +30,17 @@ def _qkv(rng, b, num_q, hq, ck, kv, s, hd, dtype):
 @st.composite
 def cases(draw):
     kv, groups = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 3, 8]))
-    kernel = draw(st.sampled_from(["tpu", "gpu"]))
+    kernel = draw(st.sampled_from(["tpu", "gpu", "hopper"]))
     b, num_q = draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 5]))
-    block_k = draw(st.sampled_from([8, 16] if kernel == "tpu" else [16, 32]))  # Triton: powers of two >= 16
+    blocks = {"tpu": [8, 16], "gpu": [16, 32], "hopper": [64]}  # Triton: powers of two >= 16; wgmma: 64
+    block_k = draw(st.sampled_from(blocks[kernel]))
     s = block_k * draw(st.integers(3, 4))  # at least 3 key blocks (interpret-mode regressions hid there)
     h, ck = kv * groups, draw(st.integers(1, 3))
     lengths = draw(st.lists(st.sampled_from([0, 1, s - num_q + 1, s // 2, 7]), min_size=b, max_size=b))
     seed = draw(st.integers(0, 2 ** 16))
     return dict(b=b, num_q=num_q, h=h, kv=kv, ck=ck, s=s, block_k=block_k, lengths=lengths, seed=seed, kernel=kernel,
-                dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])), identity=draw(st.booleans()))
+                dtype=draw(st.sampled_from([jnp.float16, jnp.bfloat16] if kernel == "hopper" else
+                                           [jnp.float32, jnp.bfloat16])), identity=draw(st.booleans()))
 
 
 @settings(max_examples=32, deadline=None)
@@ -212,3 +216,61 @@ def test_the_gpu_kernels_key_splits_merge_to_the_reference(splits):
     assert default_splits(1, 32, 256) == 8 and default_splits(64, 32, 256) == 1 and default_splits(1, 9, 6) == 6
     with pytest.raises(KernelError, match="splits=3 must divide the 8 key blocks"):
         attention_gpu(q, k, v, lengths, *tables, block_k=16, splits=3, interpret=True)
+
+
+@pytest.mark.parametrize("num_q,dtype,hd,block_k", [(1, jnp.bfloat16, 64, 128), (5, jnp.bfloat16, 64, 128),
+                                                    (1, jnp.float16, 128, 128), (16, jnp.bfloat16, 128, 64)])
+def test_the_hopper_kernel_lowers_for_cuda(num_q, dtype, hd, block_k):
+    """The Mosaic GPU kernel lowered for sm_90a on this CPU (layout inference, TMA's and wgmma's
+    tiling, the shared-memory limit; PTX needs a GPU): SmolLM2's heads and a 2048-key cache."""
+    from pallas_kernels.attention.hopper import attention_hopper
+
+    b, h, kv, s = 4, 9, 3, 2048
+    args = [jax.ShapeDtypeStruct((b, num_q, h, hd), dtype), jax.ShapeDtypeStruct((b, kv, s, hd), dtype),
+            jax.ShapeDtypeStruct((b, kv, s, hd), dtype), jax.ShapeDtypeStruct((b,), jnp.int32)]
+    args += [jax.ShapeDtypeStruct((b, h), jnp.int32)] * 3
+    lowered = jax.jit(lambda *a: attention_hopper(*a, block_k=block_k)).trace(*args).lower(
+        lowering_platforms=("cuda",))
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_the_hopper_kernels_double_buffered_blocks_have_no_races():
+    """One program streams 4 key blocks through its two shared-memory slots (splits=1, the next
+    block's copy in flight while this one is used). The interpreter checks the barrier protocol
+    (a missing wait fails: "Barrier arrival was completed again ...") and its race detector finds
+    no race; the result is the reference's."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+
+    from pallas_kernels.attention.gpu_interpret import interpret_params
+    from pallas_kernels.attention.hopper import attention_hopper
+
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, 2, 5, 4, 2, 2, 256, 128, jnp.float16)
+    lengths, tables = jnp.asarray([252, 70], jnp.int32), gqa_tables(2, 4, 2)
+    params = dataclasses.replace(interpret_params(), detect_races=True)
+    got = attention_hopper(q, k, v, lengths, *tables, block_k=64, splits=1, interpret=params)
+    assert not interpret_pallas_call.get_races().races_found
+    want = attention_reference(q, k, v, lengths, *tables)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-3, rtol=2e-3)
+
+
+def test_the_hopper_kernels_rules_and_the_default_kernel(monkeypatch):
+    """bf16 / float16 with head_dim a multiple of 64 take the Hopper kernel on an sm_90 GPU; float32,
+    other head sizes and other GPUs take Triton; off GPUs, the TPU kernel. Each rule's error names it."""
+    from pallas_kernels.attention import default_block_k, default_kernel
+
+    args = lambda dtype, hd: _qkv(np.random.default_rng(0), 1, 1, 2, 1, 1, 128, hd, dtype)  # noqa: E731
+    assert default_kernel(*args(jnp.bfloat16, 64)) == "tpu"  # this CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    for capability, dtype, hd, want in [("9.0", jnp.bfloat16, 64, "hopper"), ("9.0", jnp.float16, 128, "hopper"),
+                                        ("9.0", jnp.float32, 64, "gpu"), ("9.0", jnp.bfloat16, 32, "gpu"),
+                                        ("8.0", jnp.bfloat16, 64, "gpu")]:
+        monkeypatch.setattr(jax, "devices", lambda c=capability: [SimpleNamespace(compute_capability=c)])
+        assert default_kernel(*args(dtype, hd)) == want, (capability, dtype, hd)
+    lengths, tables = jnp.asarray([3]), gqa_tables(1, 2, 1)
+    with pytest.raises(KernelError, match="bf16 or float16"):
+        attention(*args(jnp.float32, 64), lengths, *tables, impl="pallas", interpret=True, kernel="hopper")
+    with pytest.raises(KernelError, match="multiples of 64"):
+        attention(*args(jnp.bfloat16, 32), lengths, *tables, impl="pallas", interpret=True, kernel="hopper")
+    with pytest.raises(KernelError, match="divisible by 64"):
+        default_block_k(96, "hopper")

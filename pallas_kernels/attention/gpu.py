@@ -7,8 +7,8 @@ indexes the whole K / V arrays with them. One program per (row, head, key split)
 are neither read nor computed). At small batch a row's keys are split over several programs (as
 flash-decoding does), so one row still fills the GPU; `combine_splits` merges their partial
 softmax states.
-Same meaning as `reference.py`. Pallas Triton is what JAX 0.10 offers below Hopper; a Mosaic GPU
-kernel for Hopper is not built yet.
+Same meaning as `reference.py`. Pallas Triton is what JAX 0.10 offers below Hopper, and what
+float32 caches take on Hopper; `hopper.py` is the Mosaic GPU kernel for bf16 / float16 there.
 """
 
 from __future__ import annotations
