@@ -31,10 +31,16 @@ def test_committed_notebook_shows_its_outputs(path):
     assert any("image/png" in o.get("data", {}) for o in outputs) or "plt." not in str([c.source for c in cells])
 
 
+# Notebooks that decode SmolLM2 itself run faster with XLA's optimized code than they save in
+# compiling at -O0 (short mode, one process each, 2026-12-03: smollm2 67 s against 88 s, chai 74
+# against 89 s); the small-model ones gain from -O0 (quickstart 23 against 27 s, lowrank 35 against 50).
+DECODES_SMOLLM2 = {"smollm2.ipynb", "chai.ipynb"}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_in_short_mode(path, monkeypatch, tmp_path):
     """A failing cell raises CellExecutionError and fails this test. One CPU device, as on Colab."""
-    monkeypatch.setenv("XLA_FLAGS", FAST_COMPILE)  # no fake devices
+    monkeypatch.setenv("XLA_FLAGS", "" if path.name in DECODES_SMOLLM2 else FAST_COMPILE)  # no fake devices
     monkeypatch.setenv("JAXMODELS_CACHE", str(tmp_path / "cache"))
     _, executed = execute.run_notebook(path, quick=True, save=False, timeout=600)
     cells = [c for c in executed.cells if c.cell_type == "code"]
