@@ -31,6 +31,7 @@ import numpy as np
 
 from inference.engine import cache_dtype, generate, generate_batches
 from inference.speculative import SpecConfig
+from jaxmodels.attention import checked_attention_impl
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
 from jaxmodels.model import Params, embed_tokens, exit_logits, run_layers
@@ -89,7 +90,10 @@ def measure_decode_costs(params: Params, config: LlamaConfig, batch_size: int, m
 
     layer, head = [], []
     for n in measured:
-        cache = KVCache.create(config, batch_size, cache_len, cache_dtype(params["embed"].dtype))
+        dtype = cache_dtype(params["embed"].dtype)
+        impl = checked_attention_impl("auto", batch_size, (n,), config.num_attention_heads, config.num_key_value_heads,
+                                      config.num_key_value_heads, cache_len, config.head_dim, dtype)
+        cache = KVCache.create(config, batch_size, cache_len, dtype, attention_impl=impl)  # as decoding will run
         h = jax.random.normal(jax.random.key(n), (batch_size, n, dim), cache.dtype)  # as decoding runs
         positions = jnp.broadcast_to(start + jnp.arange(n), (batch_size, n))
 

@@ -21,6 +21,7 @@ from inference.speculative import SpecConfig, speculative_loop
 from inference.validate import (check_attention_impl, check_attention_plan, check_batch_size, check_context,
                                 check_early_exit, check_eos_ids, check_max_new_tokens, check_params, check_prompts,
                                 check_sampling, check_seed, check_spec)
+from jaxmodels.attention import checked_attention_impl
 from jaxmodels.attention_plan import LayerPlans, k_slots, take_plan_rows
 from jaxmodels.config import LlamaConfig
 from jaxmodels.kv_cache import KVCache
@@ -219,7 +220,8 @@ def generate(params: Params, config: LlamaConfig, prompts: Sequence[Sequence[int
     layer (`jaxmodels.attention_plan`; None entries are dense layers), one row per prompt; prefill,
     decoding and both halves of self-speculation run with it, and the KV cache is built for it
     (a clustered layer keeps fewer K slots). `attention_impl` ("auto": a Pallas kernel on TPU and
-    GPU, jnp on CPU; "reference"; "pallas") picks how cached attention runs; `interpret` runs the
+    GPU once it passes a check there for these shapes, else jnp with a warning; jnp on CPU;
+    "reference"; "pallas") picks how cached attention runs; `interpret` runs the
     Pallas kernels in interpret mode (slow; to check them on CPU).
     """
     req = check_request(params, config, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
@@ -248,8 +250,9 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
     dtype = cache_dtype(params["embed"].dtype)
     plan = req.attention_plan
     planned = () if plan is None else (plan,)  # no plan: the dense programs, argument for argument
-    cache = KVCache.create(config, len(prompts), cache_len, dtype, k_slots(config, plan), req.attention_impl,
-                           req.interpret)
+    slots = k_slots(config, plan)
+    impl = _vetted_attention_impl(req, config, prompt_bucket, cache_len, dtype, slots)
+    cache = KVCache.create(config, len(prompts), cache_len, dtype, slots, impl, req.interpret)
     cache_bytes = {"kv_cache_bytes": cache.nbytes(), "dense_kv_cache_bytes": cache.dense_nbytes()}
     tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np - held_back)
     run_prefill, c1 = _compiled("prefill", prefill, {"config": config, "stop": early_exit}, (3,),
@@ -282,6 +285,18 @@ def _generate(params: Params, config: LlamaConfig, req: Request, progress: Progr
         result.drafted, result.accepted = int(stats.drafted.sum()), int(stats.accepted.sum())
         result.rounds, result.spec_stats, result.spec = int(stats.rounds), stats, speculative
     return result
+
+
+def _vetted_attention_impl(req: Request, config: LlamaConfig, prompt_bucket: int, cache_len: int, dtype,
+                           slots: Sequence[int] | None) -> str:
+    """The request's attention_impl, or "reference" where "auto" would run a kernel that fails its
+    check on this device for the prefill, decode or verification shapes (`checked_attention_impl`)."""
+    counts = (prompt_bucket, 1) + ((req.speculative.draft_len + 1,) if req.speculative is not None else ())
+    kv, impl = config.num_key_value_heads, req.attention_impl
+    for c in sorted(set(slots or (kv,))):
+        impl = checked_attention_impl(impl, len(req.prompts), counts, config.num_attention_heads, c, kv, cache_len,
+                                      config.head_dim, dtype)
+    return impl
 
 
 def cache_dtype(weights_dtype: jnp.dtype) -> jnp.dtype:

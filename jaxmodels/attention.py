@@ -25,6 +25,8 @@ probabilities are gathered.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 
@@ -131,9 +133,31 @@ KERNEL_MAX_QUERIES = 16  # the kernels serve decoding and verification; a prefil
 
 def _uses_kernel(impl: str, num_queries: int) -> bool:
     """Whether cached attention runs the Pallas kernel: asked for, or "auto" on TPU or GPU, for up
-    to KERNEL_MAX_QUERIES new tokens per row."""
+    to KERNEL_MAX_QUERIES new tokens per row (`checked_attention_impl` vets "auto" first)."""
     wanted = impl == "pallas" or (impl == "auto" and jax.default_backend() in ("tpu", "gpu"))
     return wanted and num_queries <= KERNEL_MAX_QUERIES
+
+
+def checked_attention_impl(impl: str, batch: int, query_counts: tuple[int, ...], heads: int, k_slots: int,
+                           kv_heads: int, cache_len: int, head_dim: int, dtype) -> str:
+    """`impl`, or "reference" where "auto" would run a kernel that fails its check on this device
+    for one of these shapes (`pallas_kernels.attention.kernel_problem`: compiled, run on random
+    data, compared with the reference), with a warning that says why and how to choose."""
+    counts = [n for n in query_counts if _uses_kernel(impl, n)]
+    if impl != "auto" or not counts:
+        return impl
+    from pallas_kernels.attention import kernel_problem  # it builds on this package
+
+    for n in counts:
+        problem = kernel_problem(batch, n, heads, k_slots, kv_heads, cache_len, head_dim, jnp.dtype(dtype).name)
+        if problem is not None:
+            warnings.warn(f"the Pallas attention kernel did not pass its check on this {jax.default_backend()} "
+                          f"for {n} queries per row against a {cache_len}-position cache ({problem}); cached "
+                          "attention takes the jnp path. attention_impl='reference' (--attention-impl reference) "
+                          "silences this; attention_impl='pallas' runs the kernel anyway", RuntimeWarning,
+                          stacklevel=3)
+            return "reference"
+    return impl
 
 
 def kernel_attention(q: jax.Array, state: KVState, positions: jax.Array, plan: AttentionPlan | None,

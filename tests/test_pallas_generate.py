@@ -56,3 +56,28 @@ def test_smollm2_decodes_the_same_tokens_through_the_interpreted_kernel(smollm2_
     for spec in (None, SpecConfig(4, 3, adaptive=False)):
         run = lambda **kw: generate(params, config, prompts, 8, eos_token_ids=(), speculative=spec, **kw)  # noqa: E731
         assert run(attention_impl="pallas", interpret=True).tokens == run(attention_impl="reference").tokens
+
+
+def test_auto_takes_the_jnp_path_with_a_warning_where_the_kernel_fails_its_check(monkeypatch):
+    """On TPU and GPU, "auto" runs the kernel only once `kernel_problem` has checked it there.
+    Posing as a GPU on this CPU, the kernel cannot compile (Pallas runs only interpreted here):
+    decoding warns, names the fix, and gives the jnp path's tokens."""
+    from inference import engine
+
+    want = _tokens()
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.warns(RuntimeWarning, match="did not pass its check on this gpu .*attention_impl='reference'"):
+        got = _tokens()
+    assert got == want
+
+
+def test_the_kernel_check_passes_a_working_kernel_and_names_what_fails(monkeypatch):
+    from pallas_kernels.attention import self_check
+    from pallas_kernels.attention.reference import attention_reference
+
+    shapes = (2, 3, 4, 2, 2, 32, 16, "float32")  # batch, S_q, heads, K slots, KV heads, cache, hd
+    assert self_check.kernel_problem(*shapes, interpret=True) is None  # the TPU kernel, interpreted
+    assert "interpret mode" in self_check.kernel_problem(*shapes)  # Pallas's refusal to compile on a CPU
+    monkeypatch.setattr(self_check, "attention_reference", lambda *a: 2 * attention_reference(*a))
+    assert "differs from the reference" in self_check.kernel_problem(2, 1, 4, 2, 2, 32, 16, "float32", interpret=True)

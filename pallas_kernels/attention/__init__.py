@@ -6,7 +6,8 @@
 
 Shapes and meaning: `reference.py`. `impl`: "auto" (a Pallas kernel on TPU and GPU, the jnp
 reference on CPU), "reference", or "pallas" (a Pallas kernel: on its device, lowered for it from a
-CPU host, or with `interpret=True` on CPU, slowly, for checks). `kernel` picks which: "tpu"
+CPU host, or with `interpret=True` on CPU, slowly, for checks). The model's cached attention runs
+"auto"'s kernel only once `kernel_problem` has checked it on the device for those shapes. `kernel` picks which: "tpu"
 (`tpu.py`, Mosaic TPU), "hopper" (`hopper.py`, Mosaic GPU: TMA and wgmma, bf16 / float16) or "gpu"
 (`gpu.py`, Pallas Triton, any dtype, GPUs from sm_80); default (`default_kernel`): "tpu" off GPUs,
 "hopper" on an sm_90 GPU for what it takes, else "gpu". The GPU kernels are checked in interpret
@@ -19,6 +20,7 @@ import jax
 
 from pallas_kernels import KernelError
 from pallas_kernels.attention.reference import attention_reference, visible_keys
+from pallas_kernels.attention.self_check import kernel_problem
 from pallas_kernels.attention.tables import gqa_tables, head_sparse_tables, plan_tables
 from pallas_kernels.attention.gpu import attention_gpu
 from pallas_kernels.attention.hopper import attention_hopper, check_shapes as check_hopper_shapes
@@ -26,7 +28,7 @@ from pallas_kernels.attention.tpu import attention_tpu
 
 __all__ = ["attention", "attention_reference", "attention_tpu", "attention_gpu", "attention_hopper", "gqa_tables",
            "head_sparse_tables", "plan_tables", "visible_keys", "IMPLS", "KERNELS", "default_block_k",
-           "default_kernel", "check_hopper_shapes"]
+           "default_kernel", "check_hopper_shapes", "kernel_problem"]
 
 IMPLS = ("auto", "reference", "pallas")
 
