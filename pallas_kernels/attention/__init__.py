@@ -6,12 +6,12 @@
 
 Shapes and meaning: `reference.py`. `impl`: "auto" (a Pallas kernel on TPU and GPU, the jnp
 reference on CPU), "reference", or "pallas" (a Pallas kernel: on its device, lowered for it from a
-CPU host, or with `interpret=True` on CPU, slowly, for checks). The model's cached attention runs
-"auto"'s kernel only once `kernel_problem` has checked it on the device for those shapes. `kernel` picks which: "tpu"
+CPU host, or with `interpret=True` on CPU, slowly, for checks). `kernel` picks which: "tpu"
 (`tpu.py`, Mosaic TPU), "hopper" (`hopper.py`, Mosaic GPU: TMA and wgmma, bf16 / float16) or "gpu"
 (`gpu.py`, Pallas Triton, any dtype, GPUs from sm_80); default (`default_kernel`): "tpu" off GPUs,
 "hopper" on an sm_90 GPU for what it takes, else "gpu". The GPU kernels are checked in interpret
 mode and lowered for cuda on CPU; no GPU has run them yet (`python -m benchmarks.gpu_suite` does).
+Decoding runs "auto"'s kernel only once `kernel_problem` has checked it on the device for its shapes.
 """
 
 from __future__ import annotations
