@@ -144,7 +144,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
             f"of {repeats}. Measured read bandwidth ({BANDWIDTH_METHOD}): {bandwidth / 1e9:.1f} GB/s. CPU: "
             f"{cpu_model()} ({cpu_extensions()}). bfloat16 and int8 are weight-only: hidden states and "
-            f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and is "
+            f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and group of 64 inputs (`quantize.GROUP_SIZE`) and is "
             f"compared with transformers in float32. Our weights are put in the decoding layout once "
             f"(`params.decode_layout`) before the timed calls. Logit error: max |logit - float32 logit| "
             f"over the largest |float32 logit|, on the {len(prompts)} prompts' positions, computed as decoding computes them.")

@@ -33,7 +33,7 @@ from jaxmodels import cpu_matvec
 from jaxmodels.convert import load_model, smollm2_gguf_path
 from jaxmodels.layers import dense
 from jaxmodels.params import decode_layout
-from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, weight_bytes
+from jaxmodels.quantize import WEIGHT_FORMATS, Int8Weight, convert_weights, weight_bytes
 from jaxmodels.weights import FACTORIZABLE
 
 TITLE = "Decode-step weight matmuls by weight format (CPU)"
@@ -72,12 +72,17 @@ def _chain_order(layer: dict) -> list:
     return order
 
 
+def _weight_arrays(layer: dict) -> list[jax.Array]:
+    """The layer's weight matrices as stored, without int8 scales (2-D too: one row per group)."""
+    return [w for v in layer.values() for w in jax.tree_util.tree_leaves(v.q if isinstance(v, Int8Weight) else v)]
+
+
 def converts_in_loop(program, layers: list[dict], x: jax.Array) -> tuple[bool, bool]:
     """From the optimized HLO: (the loop body, or anything it calls, converts weight-sized
     arrays: paid every step; the loop carries float32 copies of narrower weights: the conversion
     was hoisted out of the loop, which then reads float32 bytes)."""
     hlo = program.lower(layers, x).compile().as_text()
-    big = min(w.size for layer in layers for w in jax.tree_util.tree_leaves(layer) if w.ndim == 2)
+    big = min(w.size for layer in layers for w in _weight_arrays(layer))
     weight_sized = lambda text, dtype: any(  # noqa: E731
         int(a) * int(b) >= big for a, b in re.findall(dtype + r"\[([0-9]+),([0-9]+)\]", text))
     computations, name = {}, None

@@ -1,4 +1,5 @@
-// A few rows times an output-major weight on CPU: y[b, j] = scale[j] * sum_i x[b, i] * w[j, i].
+// A few rows times an output-major weight on CPU: y[b, j] = scale[j] * sum_i x[b, i] * w[j, i],
+// or with int8 scales per group of inputs, y[b, j] = sum_g scale[g, j] * sum_{i in g} x[b, i] * w[j, i].
 //
 // XLA:CPU multiplies bf16 and int8 weights by converting them to float32 first (and hoists that
 // conversion out of a decode loop, so the loop reads float32 bytes). Decoding a few rows is bound by
@@ -7,7 +8,8 @@
 // code the compiler may vectorize (`-march=native`, built by `jaxmodels.cpu_matvec`). Rows of w are
 // split into chunks that XLA's intra-op threads claim.
 //
-// x [B, m] float32, w [n, m] (float32 / bf16 / int8), scale [n] float32 or [0] (none), y [B, n].
+// x [B, m] float32, w [n, m] (float32 / bf16 / int8), scale [G, n] float32 (G groups of m / G
+// consecutive inputs; G = 1: one per output) or [0] (none), y [B, n].
 // One call may apply several weights of one dtype to the same x: a (w, scale) pair and a y each.
 
 #include <algorithm>
@@ -39,6 +41,7 @@ constexpr int kLanes = 16;
 typedef __m512 fvec;
 inline fvec zero() { return _mm512_setzero_ps(); }
 inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
+inline fvec splat(float s) { return _mm512_set1_ps(s); }
 inline float hsum(fvec v) { return _mm512_reduce_add_ps(v); }
 inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
 inline fvec load(const uint16_t* p) {  // bf16 -> float32: the 16 bits become the high half
@@ -54,6 +57,7 @@ constexpr int kLanes = 8;
 typedef __m256 fvec;
 inline fvec zero() { return _mm256_setzero_ps(); }
 inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
+inline fvec splat(float s) { return _mm256_set1_ps(s); }
 inline float hsum(fvec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -72,6 +76,7 @@ constexpr int kLanes = 1;
 typedef float fvec;
 inline fvec zero() { return 0.0f; }
 inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
+inline fvec splat(float s) { return s; }
 inline float hsum(fvec v) { return v; }
 template <typename W>
 inline fvec load(const W* p) { return widen(*p); }
@@ -87,7 +92,7 @@ inline void pause() {  // a spin-wait hint; the wait is short (the helpers' last
 
 struct Problem {
   const float* x; const void* w; const float* scale; float* y;
-  int64_t batch, m, n;
+  int64_t batch, m, n, groups;  // groups > 1: scale [groups, n], each over m / groups inputs
 };
 
 // Row j of w against batch rows [b0, b0 + NB): NB float32 accumulators.
@@ -109,17 +114,43 @@ void tile(const Problem& p, int64_t j, int64_t b0) {
   }
 }
 
+// Row j of w against batch rows [b0, b0 + NB), a scale per group of inputs: each group's sum in
+// its own accumulators, then added times its scale (the group size is a multiple of kLanes).
+template <typename W, int NB>
+void grouped_tile(const Problem& p, int64_t j, int64_t b0) {
+  const W* w = static_cast<const W*>(p.w) + j * p.m;
+  const float* x = p.x + b0 * p.m;
+  const int64_t size = p.m / p.groups;
+  fvec acc[NB], part[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = zero();
+  for (int64_t g = 0; g < p.groups; ++g) {
+    for (int b = 0; b < NB; ++b) part[b] = zero();
+    for (int64_t i = g * size; i < (g + 1) * size; i += kLanes) {
+      fvec wv = load(w + i);
+      for (int b = 0; b < NB; ++b) part[b] = fma(wv, load(x + b * p.m + i), part[b]);
+    }
+    fvec s = splat(p.scale[g * p.n + j]);
+    for (int b = 0; b < NB; ++b) acc[b] = fma(part[b], s, acc[b]);
+  }
+  for (int b = 0; b < NB; ++b) p.y[(b0 + b) * p.n + j] = hsum(acc[b]);
+}
+
+template <typename W, int NB>
+void any_tile(const Problem& p, int64_t j, int64_t b0) {
+  if (p.groups > 1) grouped_tile<W, NB>(p, j, b0); else tile<W, NB>(p, j, b0);
+}
+
 // Every batch row against w's rows [j0, j1), one weight row at a time (measured faster than
 // several rows at once, SmolLM2's shapes on a 2-core AVX-512 EPYC), up to 8 batch rows per pass.
 template <typename W>
 void rows(const Problem& p, int64_t j0, int64_t j1) {
   int64_t b0 = 0;
   for (; b0 + 8 <= p.batch; b0 += 8)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 8>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) any_tile<W, 8>(p, j, b0);
   for (; b0 + 4 <= p.batch; b0 += 4)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 4>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) any_tile<W, 4>(p, j, b0);
   for (; b0 < p.batch; ++b0)
-    for (int64_t j = j0; j < j1; ++j) tile<W, 1>(p, j, b0);
+    for (int64_t j = j0; j < j1; ++j) any_tile<W, 1>(p, j, b0);
 }
 
 // Chunks of the weights' rows, claimed by the calling thread and by tasks on XLA's intra-op pool.
@@ -204,11 +235,12 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
     auto wd = w->dimensions(), yd = (*y)->dimensions();
     if (wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
       return ffi::Error::InvalidArgument("cpu_matvec: expected x [B, m], w [n, m], y [B, n]");
-    if (scale->element_count() != 0 && scale->element_count() != size_t(wd[0]))
-      return ffi::Error::InvalidArgument("cpu_matvec: scale must have n elements, or none");
-    parts.push_back(Problem{x.typed_data(), w->untyped_data(),
-                            scale->element_count() ? scale->typed_data() : nullptr, (*y)->typed_data(), xd[0],
-                            xd[1], wd[0]});
+    int64_t count = int64_t(scale->element_count()), groups = count / std::max<int64_t>(wd[0], 1);
+    if (count != 0 && (count != groups * wd[0] || (groups > 1 && (wd[1] % groups || (wd[1] / groups) % kLanes))))
+      return ffi::Error::InvalidArgument(
+          "cpu_matvec: scale must be [G, n] with G dividing m into groups of a multiple of 16 inputs, or none");
+    parts.push_back(Problem{x.typed_data(), w->untyped_data(), count ? scale->typed_data() : nullptr,
+                            (*y)->typed_data(), xd[0], xd[1], wd[0], std::max<int64_t>(groups, 1)});
   }
   run<W>(pool, std::move(parts));
   return ffi::Error::Success();

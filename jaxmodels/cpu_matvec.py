@@ -111,17 +111,23 @@ def available() -> bool:
     return True
 
 
-def applies(wt: jax.Array, x: jax.Array) -> bool:
-    """Whether `matvec(x, wt)` runs the kernel: on CPU, a supported weight dtype, few rows, and built."""
+GROUP_MULTIPLE = 16  # inputs per scale group: a multiple of the kernel's widest vector (16 lanes)
+
+
+def applies(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> bool:
+    """Whether `matvec(x, wt, scale)` runs the kernel: on CPU, a supported weight dtype, few rows,
+    scale groups of a multiple of GROUP_MULTIPLE inputs, and built."""
     rows = x.size // max(x.shape[-1], 1)
-    return (jax.default_backend() == "cpu" and wt.ndim == 2
+    groups = 1 if scale is None or scale.ndim < 2 else scale.shape[0]
+    grouped_ok = groups == 1 or (wt.shape[-1] % groups == 0 and (wt.shape[-1] // groups) % GROUP_MULTIPLE == 0)
+    return (jax.default_backend() == "cpu" and wt.ndim == 2 and grouped_ok
             and 0 < rows <= MAX_ROWS.get(jnp.dtype(wt.dtype), 0) and available())
 
 
 def matvec(x: jax.Array, wt: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., m] times a weight stored output-major wt [n, m] (float32, bf16 or int8), each output
-    column times scale [n] if given: [..., n] in x's dtype, computed in float32. CPU only; see
-    `applies` for when to call it."""
+    column times scale [n] if given, or each group of m / G inputs times its row of scale [G, n]:
+    [..., n] in x's dtype, computed in float32. CPU only; see `applies` for when to call it."""
     return matvecs(x, [wt], [scale])[0]
 
 
@@ -139,7 +145,7 @@ def matvecs(x: jax.Array, wts: Sequence[jax.Array], scales: Sequence[jax.Array |
     rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [B, m]
     operands = []
     for wt, scale in zip(wts, scales):
-        operands += [wt, jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)]
+        operands += [wt, jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32).reshape(-1)]
     out = [jax.ShapeDtypeStruct((rows.shape[0], wt.shape[0]), jnp.float32) for wt in wts]
     ys = jax.ffi.ffi_call(TARGETS[dtypes.pop()], out, vmap_method="sequential")(rows, *operands)
     return [y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype) for y in ys]

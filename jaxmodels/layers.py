@@ -36,9 +36,21 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
     stored = _output_major_parts(w)
     if stored is not None:
         return output_major_matmuls([stored], x)[0]
-    if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul
-        return dense(w.q.astype(x.dtype), x) * w.scale.astype(x.dtype)
+    if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul, group by group
+        return _grouped_int8(x, w.q.astype(x.dtype), w.scale.astype(x.dtype), "...Gg,Ggn->...Gn", 0)
     return x @ w
+
+
+def _grouped_int8(x: jax.Array, w: jax.Array, scale: jax.Array, spec: str, in_axis: int) -> jax.Array:
+    """sum_g (x_g @ w_g) * scale[g] over the G groups of scale [G, n] (`quantize.Int8Weight`): w is
+    [m, n] (in_axis 0) or output-major [n, m] (in_axis 1, G > 1 only) and `spec` the einsum of one
+    group's product. One group: the plain product times the scale."""
+    groups, m = scale.shape[0], x.shape[-1]
+    if groups == 1:
+        return (x @ w) * scale[0]
+    xg = x.reshape(*x.shape[:-1], groups, m // groups)
+    wg = w.reshape(groups, m // groups, -1) if in_axis == 0 else w.reshape(w.shape[0], groups, m // groups)
+    return jnp.sum(jnp.einsum(spec, xg, wg) * scale, axis=-2)
 
 
 def dense_many(ws: Sequence[Any], x: jax.Array) -> list[jax.Array]:
@@ -52,8 +64,8 @@ def dense_many(ws: Sequence[Any], x: jax.Array) -> list[jax.Array]:
 
 
 def _output_major_parts(w: Any) -> tuple[jax.Array, jax.Array | None] | None:
-    """(wt [n, m], scale [n] or None) of an output-major weight (`OutputMajor`, or int8 over one);
-    None for any other weight."""
+    """(wt [n, m], scale [G, n] or None) of an output-major weight (`OutputMajor`, or int8 over
+    one); None for any other weight."""
     if isinstance(w, OutputMajor):
         return w.wt, None
     if isinstance(w, Int8Weight) and isinstance(w.q, OutputMajor):
@@ -63,7 +75,8 @@ def _output_major_parts(w: Any) -> tuple[jax.Array, jax.Array | None] | None:
 
 def output_major_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
     """x [..., m] @ wt.T -> [..., n] for a weight stored [n, m] (an embedding table as LM head, or
-    `OutputMajor`), each output column times scale [n] if given (int8 weights)."""
+    `OutputMajor`), each output column times scale [n] if given, or each group of m / G inputs
+    times its row of scale [G, n] (int8 weights)."""
     return output_major_matmuls([(wt, scale)], x)[0]
 
 
@@ -75,7 +88,8 @@ def output_major_matmuls(weights: Sequence[tuple[jax.Array, jax.Array | None]], 
     `platform_dependent` keeps it out of programs lowered for another platform from a CPU host
     (`training.aot`'s TPU decode step). Otherwise `_xla_matmul` per weight."""
     xla = lambda: [_xla_matmul(wt, x, scale) for wt, scale in weights]  # noqa: E731
-    if all(cpu_matvec.applies(wt, x) for wt, _ in weights) and len({jnp.dtype(wt.dtype) for wt, _ in weights}) == 1:
+    if (all(cpu_matvec.applies(wt, x, scale) for wt, scale in weights)
+            and len({jnp.dtype(wt.dtype) for wt, _ in weights}) == 1):
         wts, scales = [wt for wt, _ in weights], [scale for _, scale in weights]
         return jax.lax.platform_dependent(cpu=lambda: cpu_matvec.matvecs(x, wts, scales), default=xla)
     return xla()
@@ -88,6 +102,10 @@ def _xla_matmul(wt: jax.Array, x: jax.Array, scale: jax.Array | None) -> jax.Arr
     transpose back into the dot. More rows (prefill, training) and other backends: the plain product."""
     wt = wt.astype(x.dtype)
     rows = math.prod(x.shape[:-1])
+    if scale is not None and scale.ndim == 2:  # int8: a scale per group of inputs, or [1, n]
+        if scale.shape[0] > 1:
+            return _grouped_int8(x, wt, scale.astype(x.dtype), "...Gg,nGg->...Gn", 1)
+        scale = scale[0]
     if rows > FEW_ROWS or jax.default_backend() != "cpu":
         y = jnp.einsum("...m,nm->...n", x, wt)
     else:

@@ -43,7 +43,7 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] int -> hidden [B, T, D]."""
     table = params["embed"]
     if isinstance(table, Int8Rows):
-        return jnp.take(table.q, tokens, axis=0).astype(table.dtype) * jnp.take(table.scale, tokens)[..., None]
+        return jnp.take(table.q, tokens, axis=0).astype(table.dtype) * table.row_scales(tokens)
     return jnp.take(table, tokens, axis=0)
 
 
@@ -65,7 +65,7 @@ def exit_logits(params: Params, config: LlamaConfig, h: jax.Array) -> jax.Array:
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     if config.tie_word_embeddings:
         table = params["embed"]
-        if isinstance(table, Int8Rows):  # weight-only int8: one scale per token's logit
+        if isinstance(table, Int8Rows):  # weight-only int8: scales per token and group of features
             return output_major_matmul(table.q, h, table.scale)
         return output_major_matmul(table, h)  # the table [V, D] is the head, output-major
     return dense(params["lm_head"], h)

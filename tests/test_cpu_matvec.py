@@ -107,12 +107,37 @@ def test_it_runs_under_jit_loops_and_vmap_and_keeps_the_input_dtype():
     np.testing.assert_allclose(np.asarray(looped, np.float64), twice, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("rows,n,m,groups", [(1, 37, 64, 4), (5, 20, 192, 12), (8, 1001, 600, 1), (3, 1001, 640, 10)])
+def test_int8_scales_per_group_of_inputs_equal_the_float64_product(rows, n, m, groups):
+    """scale [G, n]: each group of m / G inputs times its own scale (`quantize.Int8Weight`), on one
+    thread and split among threads; the same numbers as XLA's grouped product within rounding."""
+    from jaxmodels.layers import _xla_matmul
+
+    rng = np.random.default_rng(groups)
+    w = rng.standard_normal((n, m)).astype(np.float32)
+    wg = w.reshape(n, groups, m // groups)
+    scale = np.abs(wg).max(2).T / 127 + 1e-6  # [G, n]
+    q = np.clip(np.round(wg / scale.T[:, :, None]), -127, 127).astype(np.int8)
+    exact_w = (q.astype(np.float64) * scale.T[:, :, None]).reshape(n, m)
+    x = rng.standard_normal((rows, m)).astype(np.float32)
+    q, scale = jnp.asarray(q.reshape(n, m)), jnp.asarray(scale, jnp.float32)
+    assert cpu_matvec.applies(q, jnp.asarray(x), scale)
+    y = np.asarray(cpu_matvec.matvec(jnp.asarray(x), q, scale))
+    exact = x.astype(np.float64) @ exact_w.T
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact_w).T) + 1e-30
+    assert np.all(np.abs(y - exact) <= bound), np.max(np.abs(y - exact) / bound)
+    np.testing.assert_allclose(np.asarray(_xla_matmul(q, jnp.asarray(x), scale)), y, rtol=1e-5, atol=1e-4)
+
+
 def test_it_applies_to_a_few_rows_of_supported_weights_only():
     w32, w16 = jnp.zeros((8, 16)), jnp.zeros((8, 16), jnp.float16)
     assert cpu_matvec.applies(w32, jnp.zeros((1, 1, 16)))
     assert cpu_matvec.applies(jnp.zeros((8, 16), jnp.int8), jnp.zeros((16, 16)))
     assert not cpu_matvec.applies(w32, jnp.zeros((cpu_matvec.MAX_ROWS[w32.dtype] + 1, 16)))  # XLA's GEMM
     assert not cpu_matvec.applies(w16, jnp.zeros((1, 16)))  # float16: no kernel
+    s8, x = jnp.zeros((8, 96), jnp.int8), jnp.zeros((1, 96))
+    assert cpu_matvec.applies(s8, x, jnp.ones((3, 8))) and cpu_matvec.applies(s8, x, jnp.ones((8,)))
+    assert not cpu_matvec.applies(s8, x, jnp.ones((4, 8)))  # groups of 24 inputs: not a multiple of 16
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])

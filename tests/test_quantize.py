@@ -32,22 +32,43 @@ def _dequantized(params):
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(1, 9), st.integers(1, 9), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
-def test_int8_rounding_is_within_half_a_step_per_column(m, n, magnitude, seed):
-    w = magnitude * np.random.default_rng(seed).standard_normal((m, n)).astype(np.float32)
-    q = quantize_int8(w)
-    assert q.q.dtype == jnp.int8 and q.scale.shape == (n,)
-    err = np.abs(np.asarray(q.dequantize()) - w)
-    assert (err <= np.asarray(q.scale)[None, :] * 0.5 * (1 + 1e-5)).all()
-    assert (np.abs(np.asarray(q.q)).max(axis=0) == 127).all()  # each column's largest weight uses the full range
+@given(st.integers(1, 4), st.integers(1, 9), st.integers(1, 9), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_int8_rounding_is_within_half_a_step_per_group(groups, size, n, magnitude, seed):
+    """One scale per output column and group of `size` inputs: every weight within half its
+    group's step, and each group's largest weight on the full range."""
+    w = magnitude * np.random.default_rng(seed).standard_normal((groups * size, n)).astype(np.float32)
+    q = quantize_int8(w, group_size=size)
+    assert q.q.dtype == jnp.int8 and q.scale.shape == (groups, n)
+    err = np.abs(np.asarray(q.dequantize()) - w).reshape(groups, size, n)
+    assert (err <= np.asarray(q.scale)[:, None, :] * 0.5 * (1 + 1e-5)).all()
+    assert (np.abs(np.asarray(q.q)).reshape(groups, size, n).max(axis=1) == 127).all()
+    assert quantize_int8(w, group_size=None).scale.shape == (1, n)  # one per column
+    assert quantize_int8(w, group_size=groups * size + 1).scale.shape == (1, n)  # a size that does not divide m
+
+
+def test_groups_keep_an_outlier_from_coarsening_its_whole_column():
+    """One large input row (an outlier feature, as trained models have) sets the step of every
+    weight in its column with one scale per column; with groups, only of its own group's."""
+    w = np.random.default_rng(1).standard_normal((256, 32)).astype(np.float32)
+    w[3] *= 50.0
+    rest = slice(64, None)  # the groups without the outlier
+    per_column = np.abs(np.asarray(quantize_int8(w, group_size=None).dequantize()) - w)[rest].max()
+    grouped = np.abs(np.asarray(quantize_int8(w, group_size=64).dequantize()) - w)[rest].max()
+    assert grouped * 10 < per_column
 
 
 def test_embedding_rows_share_one_scale_for_lookup_and_head():
     e = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)
-    rows = quantize_rows(e)
-    assert rows.q.shape == (11, 4) and rows.scale.shape == (11,)
+    rows = quantize_rows(e, group_size=None)
+    assert rows.q.shape == (11, 4) and rows.scale.shape == (1, 11)
     assert np.abs(np.asarray(rows.dequantize()) - e).max() <= np.asarray(rows.scale).max() / 2 * (1 + 1e-5)
-    assert rows[:3].shape == (3, 4)  # a draft head's first K rows
+    assert rows[:3].shape == (3, 4) and rows[:3].scale.shape == (1, 3)  # a draft head's first K rows
+    grouped = quantize_rows(e, group_size=2)  # a scale per row and pair of features
+    assert grouped.scale.shape == (2, 11)
+    err = np.abs(np.asarray(grouped.dequantize()) - e).reshape(11, 2, 2)
+    assert (err <= np.asarray(grouped.scale).T[:, :, None] / 2 * (1 + 1e-5)).all()
+    tokens = jnp.asarray([[3, 0], [10, 3]])
+    np.testing.assert_array_equal(grouped.q[tokens] * grouped.row_scales(tokens), grouped.dequantize()[tokens])
 
 
 def test_int8_logits_are_those_of_the_dequantized_float_model(model):
