@@ -52,10 +52,13 @@ def test_cost_model_matches_its_formula_and_prefers_cheap_drafts_when_agreement_
     assert mb.layer == (1.0,) * 4 and mb.head[0] > 0
 
 
-def test_measured_costs_are_positive_and_a_layer_over_more_tokens_is_not_cheaper():
+def test_measured_costs_cover_every_token_count_and_are_positive():
+    """The shape of the measurement only: how the costs compare is timing, which a loaded CI run
+    distorts (a 1-token layer on the CPU kernel once measured 3x a 5-token one on XLA); the
+    comparison is `benchmarks/verify_cost.py`'s."""
     costs = measure_decode_costs(PARAMS, CONFIG, batch_size=2, max_tokens=5, cache_len=64, iters=4)
     assert len(costs.layer) == len(costs.head) == 5 and min(costs.layer + costs.head) > 0
-    assert costs.layer[4] > 0.5 * costs.layer[0]  # generous: timings are noisy, ordering is not the point
+    assert all(np.isfinite(costs.layer + costs.head))
     streamed = measure_decode_costs(PARAMS, CONFIG, batch_size=1, max_tokens=2, cache_len=64, iters=2,
                                     layers=CONFIG.num_hidden_layers)  # every layer, reported per layer
     assert len(streamed.layer) == 2 and min(streamed.layer + streamed.head) > 0
