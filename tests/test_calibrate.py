@@ -125,6 +125,10 @@ def test_cli_self_speculative_reports_acceptance_and_keeps_the_tokens(capsys, sm
     assert main(base + ["--self-speculative", "--exit-layer", "24", "--draft-len", "2", "--draft-vocab", "8000"]) == 0
     small = json.loads(capsys.readouterr()[0].splitlines()[-1])
     assert small["generated_tokens"] == plain["generated_tokens"] and small["draft_vocab"] == 8000
-    assert main(base + ["--self-speculative"]) == 0  # auto: SmolLM2's exits do not pay, so plain
+    assert main(base + ["--self-speculative"]) == 0  # auto: calibrates, then decodes as it chose
     out, err = capsys.readouterr()
-    assert "decoding plainly" in err and json.loads(out.splitlines()[-1])["self_speculative"] is False
+    auto = json.loads(out.splitlines()[-1])
+    # The choice rests on timings measured now (usually "plain" for SmolLM2; a loaded CI run once
+    # chose to speculate), so the test checks that either choice is reported and keeps the tokens.
+    assert auto["generated_tokens"] == plain["generated_tokens"]
+    assert ("decoding plainly" in err) == (auto["self_speculative"] is False)
