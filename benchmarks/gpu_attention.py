@@ -19,8 +19,7 @@ import numpy as np
 
 from benchmarks.gpu_timing import Budget, per_call_seconds
 from jaxmodels.attention import gqa_attention
-from pallas_kernels import KernelError
-from pallas_kernels.attention import attention, attention_reference, check_hopper_shapes, gqa_tables
+from pallas_kernels.attention import attention, attention_reference, default_kernel, gqa_tables, hopper_takes
 
 
 @dataclass(frozen=True)
@@ -58,17 +57,11 @@ class Case:
 def suite_kernel(shape: AttentionShape, interpret: bool) -> str:
     """The Pallas GPU kernel "auto" would pick for this shape: "hopper" (Mosaic GPU) on an sm_90 GPU
     (or interpreted) for the dtypes and head sizes it takes, else "gpu" (Triton)."""
-    from pallas_kernels.attention import default_kernel
-
     probe = jnp.zeros((1, 1, shape.heads, shape.head_dim), shape.dtype)
     cache = jnp.zeros((1, shape.kv_heads, 64, shape.head_dim), shape.dtype)
     if not interpret:
         return default_kernel(probe, cache, cache)
-    try:
-        check_hopper_shapes(probe, cache, cache, 64)
-    except KernelError:
-        return "gpu"
-    return "hopper"
+    return "hopper" if hopper_takes(probe, cache, cache) else "gpu"
 
 
 def _jnp_path(q, k, v, lengths):

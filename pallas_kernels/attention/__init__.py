@@ -28,7 +28,7 @@ from pallas_kernels.attention.tpu import attention_tpu
 
 __all__ = ["attention", "attention_reference", "attention_tpu", "attention_gpu", "attention_hopper", "gqa_tables",
            "head_sparse_tables", "plan_tables", "visible_keys", "IMPLS", "KERNELS", "default_block_k",
-           "default_kernel", "check_hopper_shapes", "kernel_problem"]
+           "default_kernel", "hopper_takes", "kernel_problem"]
 
 IMPLS = ("auto", "reference", "pallas")
 
@@ -53,18 +53,21 @@ def _is_hopper(device: jax.Device) -> bool:
     return str(getattr(device, "compute_capability", "")).startswith("9")
 
 
-def default_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
-    """"tpu" off GPUs; on a GPU, "hopper" where it is an sm_90 part and the Hopper kernel takes
-    these arrays (`hopper.check_shapes`), else "gpu" (Triton)."""
-    if jax.default_backend() != "gpu":
-        return "tpu"
-    if not _is_hopper(jax.devices()[0]) or k.shape[2] % 64:
-        return "gpu"
+def hopper_takes(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether the Hopper kernel takes these arrays (`hopper.check_shapes`, 64-key blocks)."""
     try:
         check_hopper_shapes(q, k, v, 64)
     except KernelError:
-        return "gpu"
-    return "hopper"
+        return False
+    return True
+
+
+def default_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
+    """"tpu" off GPUs; on a GPU, "hopper" where it is an sm_90 part and `hopper_takes` these
+    arrays, else "gpu" (Triton)."""
+    if jax.default_backend() != "gpu":
+        return "tpu"
+    return "hopper" if _is_hopper(jax.devices()[0]) and hopper_takes(q, k, v) else "gpu"
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, q_head: jax.Array,

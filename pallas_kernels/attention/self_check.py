@@ -2,9 +2,9 @@
 
 "auto" runs a Pallas kernel on TPU and GPU. A kernel that fails to compile there (a toolchain this
 project could not test against), or that computes something else, should cost a warning, not a
-user's decoding (`jaxmodels.attention.checked_attention_impl`): `kernel_problem` compiles the kernel for the shapes at hand, runs it on random
-data with random tables and ragged lengths, and compares with the jnp reference. Memoized, so a
-process pays one small compile and run per shape.
+user's decoding (`jaxmodels.attention.checked_attention_impl`): `kernel_problem` compiles the
+kernel for the shapes at hand, runs it on random data with random tables and ragged lengths, and
+compares with the jnp reference. Memoized, so a process pays one small compile and run per shape.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def kernel_problem(batch: int, num_q: int, heads: int, k_slots: int, kv_heads: i
         got = jax.jit(functools.partial(attention, impl="pallas", interpret=interpret))(q, k, v, lengths, *tables)
         got = jax.block_until_ready(got).astype(jnp.float32)
     except Exception as error:  # whatever the toolchain raises: reported, and "auto" falls back
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        return f"{type(error).__name__}: {first_line}"
     want = attention_reference(q, k, v, lengths, *tables).astype(jnp.float32)
     error = float(jnp.max(jnp.abs(got - want)) / jnp.maximum(jnp.max(jnp.abs(want)), 1e-6))
     if not error <= TOLERANCE.get(dtype, 3e-2):
