@@ -8,7 +8,8 @@ whose probabilities each head applies to its own values. `jaxmodels.attention_pl
 layout. Dense and grouped-query attention are the identity plan. `plan=None` stands for it and
 compiles to the plain GQA program, with no gathers. CHAI's clustered heads are another plan. So
 are, later, head sparsity. The Pallas kernels (`pallas_kernels.attention`) take the same tables
-behind this same call, chosen by the KV cache (`KVCache.attention_impl`).
+behind this same call, chosen by the KV cache (`KVCache.attention_impl`). On CPU, "auto" runs cached
+dense attention for a few new tokens through `jaxmodels.cpu_attention` (one call per layer).
 
 Masking is by position: a query at position p sees keys at positions <= p. That one rule covers
 causality, right-padded ragged batches and stale cache slots.
@@ -30,6 +31,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from jaxmodels import cpu_attention
 from jaxmodels.attention_plan import AttentionPlan
 
 KVState = tuple[jax.Array, jax.Array]  # one layer's cache: K [B*Ck, S, hd], V [B*KV, S, hd]
@@ -198,5 +200,10 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, state: KVState | No
         k_pos = jnp.arange(keys.shape[1])
     qc = q.astype(keys.dtype)
     if plan is None:
-        return gqa_attention(qc, keys, values, positions, k_pos).astype(q.dtype), state
+        jnp_path = lambda: gqa_attention(qc, keys, values, positions, k_pos).astype(q.dtype)  # noqa: E731
+        if state is not None and impl == "auto" and cpu_attention.applies(q, keys):
+            # platform_dependent: a program lowered from a CPU host for TPU (`training.aot`) keeps jnp
+            return jax.lax.platform_dependent(
+                cpu=lambda: cpu_attention.decode_attention(q, keys, values, positions), default=jnp_path), state
+        return jnp_path(), state
     return clustered_attention(qc, keys, values, positions, k_pos, plan).astype(q.dtype), state

@@ -12,83 +12,13 @@
 // consecutive inputs; G = 1: one per output) or [0] (none), y [B, n].
 // One call may apply several weights of one dtype to the same x: a (w, scale) pair and a y each.
 
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
-#if defined(__linux__)
-#include <sched.h>
-#endif
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_kernels.h"
 
 namespace {
 
-// One stored element as float32 (row tails, and the scalar path's lanes).
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) { uint32_t u = uint32_t(v) << 16; float f; std::memcpy(&f, &u, 4); return f; }
-inline float widen(int8_t v) { return float(v); }
-
-// One register of float32 lanes, and loads that widen each stored format into it.
-#if defined(__AVX512F__)
-#include <immintrin.h>
-constexpr int kLanes = 16;
-typedef __m512 fvec;
-inline fvec zero() { return _mm512_setzero_ps(); }
-inline fvec fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
-inline fvec splat(float s) { return _mm512_set1_ps(s); }
-inline float hsum(fvec v) { return _mm512_reduce_add_ps(v); }
-inline fvec load(const float* p) { return _mm512_loadu_ps(p); }
-inline fvec load(const uint16_t* p) {  // bf16 -> float32: the 16 bits become the high half
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline fvec load(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-constexpr int kLanes = 8;
-typedef __m256 fvec;
-inline fvec zero() { return _mm256_setzero_ps(); }
-inline fvec fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
-inline fvec splat(float s) { return _mm256_set1_ps(s); }
-inline float hsum(fvec v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
-inline fvec load(const float* p) { return _mm256_loadu_ps(p); }
-inline fvec load(const uint16_t* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline fvec load(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-#else  // any other CPU: scalar lanes, vectorized by the compiler where it can
-constexpr int kLanes = 1;
-typedef float fvec;
-inline fvec zero() { return 0.0f; }
-inline fvec fma(fvec a, fvec b, fvec c) { return a * b + c; }
-inline fvec splat(float s) { return s; }
-inline float hsum(fvec v) { return v; }
-template <typename W>
-inline fvec load(const W* p) { return widen(*p); }
-#endif
-
-inline void pause() {  // a spin-wait hint; the wait is short (the helpers' last chunk)
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
+using namespace jaxmodels_cpu;
 
 struct Problem {
   const float* x; const void* w; const float* scale; float* y;
@@ -153,69 +83,28 @@ void rows(const Problem& p, int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) any_tile<W, 1>(p, j, b0);
 }
 
-// Chunks of the weights' rows, claimed by the calling thread and by tasks on XLA's intra-op pool.
-// Several weights applied to the same x (a layer's q, k and v; gate and up) share one call and
-// one pool of chunks: SmolLM2's k and v (221 KB in bf16) cost as much in thread hand-offs as in
-// reading, and one call for q, k and v took 1.03 ms against 1.94 ms as three (30 layers, bf16, batch
-// 1, 2-core EPYC). The caller waits only for chunks already claimed, so a task that starts late finds
-// nothing left and a busy pool cannot deadlock the call. The shared state outlives the call for such
-// late tasks.
-struct Work {
-  std::vector<Problem> parts;
-  std::vector<int64_t> first;  // parts[k]'s chunks are [first[k], first[k + 1])
-  int64_t chunk = 0, chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
+// Chunks of the weights' rows, claimed by the calling thread and by XLA's intra-op pool
+// (`parallel_for`). Several weights applied to the same x (a layer's q, k and v; gate and up) share
+// one call and one pool of chunks: SmolLM2's k and v (221 KB in bf16) cost as much in thread
+// hand-offs as in reading, and one call for q, k and v took 1.03 ms against 1.94 ms as three (30
+// layers, bf16, batch 1, 2-core EPYC). About one chunk per thread over all the parts' rows.
 template <typename W>
-void drain(Work& work) {
-  for (int64_t c; (c = work.next.fetch_add(1)) < work.chunks;) {
-    size_t k = 0;
-    while (c >= work.first[k + 1]) ++k;
-    const Problem& p = work.parts[k];
-    int64_t j0 = (c - work.first[k]) * work.chunk;
-    rows<W>(p, j0, std::min(p.n, j0 + work.chunk));
-    work.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// The cores this process may run on. XLA's intra-op pool can hold more threads than that; a task
-// per pool thread then oversubscribes the cores, and decoding SmolLM2 in bf16 ran 2.3x slower.
-int64_t usable_cores() {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max(1u, std::thread::hardware_concurrency());
-}
-
-// The fewest weight bytes worth a chunk of their own. Handing a chunk to a pool thread costs a
-// wake-up, and under load a helper that claimed a chunk may wait for a core while the caller waits
-// for it; a call with under twice this many bytes runs on the calling thread alone.
-#ifndef JAXMODELS_MIN_CHUNK_BYTES
-#define JAXMODELS_MIN_CHUNK_BYTES (64 << 10)
-#endif
-
-// Every part's rows in chunks of one size: about one chunk per thread over all the parts' rows.
-template <typename W>
-void run(ffi::ThreadPool& pool, std::vector<Problem> parts) {
-  static const int64_t cores = usable_cores();
-  int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, cores);
+void run(ffi::ThreadPool& pool, const std::vector<Problem>& parts) {
+  int64_t threads = std::clamp<int64_t>(pool.num_threads(), 1, usable_cores());
   int64_t m = parts[0].m, n = 0;
   for (const Problem& p : parts) n += p.n;
   int64_t row_bytes = std::max<int64_t>(1, m * int64_t(sizeof(W)));
   int64_t min_rows = (JAXMODELS_MIN_CHUNK_BYTES + row_bytes - 1) / row_bytes;
-  auto work = std::make_shared<Work>();
-  work->chunk = std::max<int64_t>({16, min_rows, ((n + threads - 1) / threads + 3) / 4 * 4});
-  work->first.push_back(0);
-  for (const Problem& p : parts) work->first.push_back(work->first.back() + (p.n + work->chunk - 1) / work->chunk);
-  work->chunks = work->first.back();
-  work->parts = std::move(parts);
-  int64_t worth = std::max<int64_t>(1, n * row_bytes / JAXMODELS_MIN_CHUNK_BYTES);
-  int64_t helpers = std::min({threads, work->chunks, worth}) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { drain<W>(*work); });
-  drain<W>(*work);
-  while (work->done.load(std::memory_order_acquire) < work->chunks) pause();
+  int64_t chunk = std::max<int64_t>({16, min_rows, ((n + threads - 1) / threads + 3) / 4 * 4});
+  std::vector<int64_t> first{0};  // parts[k]'s chunks are [first[k], first[k + 1])
+  for (const Problem& p : parts) first.push_back(first.back() + (p.n + chunk - 1) / chunk);
+  int64_t chunks = first.back();
+  parallel_for(pool, chunks, helpers_for(pool, chunks, n * row_bytes), [&](int64_t c) {
+    size_t k = 0;
+    while (c >= first[k + 1]) ++k;
+    int64_t j0 = (c - first[k]) * chunk;
+    rows<W>(parts[k], j0, std::min(parts[k].n, j0 + chunk));
+  });
 }
 
 // x, then a (weight, scale) pair per part; a result y per part (see the file's comment for shapes).
@@ -242,7 +131,7 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
     parts.push_back(Problem{x.typed_data(), w->untyped_data(), count ? scale->typed_data() : nullptr,
                             (*y)->typed_data(), xd[0], xd[1], wd[0], std::max<int64_t>(groups, 1)});
   }
-  run<W>(pool, std::move(parts));
+  run<W>(pool, parts);
   return ffi::Error::Success();
 }
 

@@ -9,7 +9,8 @@ over one token, on the kernel, measured 3x the time of one over five, on XLA; wa
 thread costs more than such a product). It is an XLA FFI custom call, compiled on first use with
 the machine's C++ compiler (`-O3 -march=native`) into a cache folder and reused while source,
 compiler, jaxlib and CPU stay the same. The same library holds `take_rows`, the embedding lookup of
-a bf16 table when decoding on CPU (`model.decode_embedding`: XLA:CPU would widen the whole table).
+a bf16 table when decoding on CPU (`model.decode_embedding`: XLA:CPU would widen the whole table),
+and cached attention for a few new tokens (`jaxmodels.cpu_attention`).
 
 `layers.output_major_matmuls` uses it on CPU for up to `MAX_ROWS` rows when `available()`, several
 weights on one input in one call (`matvecs`: a layer's q/k/v, gate/up, via `layers.dense_many`); anything
@@ -39,7 +40,8 @@ import jax.numpy as jnp
 from jaxmodels.config import ConfigError
 from jaxmodels.quantize import cpu_flags
 
-SOURCE = Path(__file__).with_name("cpu_matvec.cc")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("cpu_matvec.cc", "cpu_attention.cc"))
+HEADERS = (Path(__file__).with_name("cpu_kernels.h"),)  # what both share: vector loads, exp, threads
 # Up to this many rows the kernel runs; more: XLA's product. SmolLM2 decode on a 2-core AVX-512 EPYC,
 # kernel vs XLA tokens/s: float32 1.5x at batch 1, 1.0-1.1x at 2 and 4, 0.75x at 8 (XLA's GEMM wins
 # once rows share each weight load); bf16 2.3x at 1, 1.65x at 4, 1.2x at 8; int8 3.6x at 1, 1.5x at 8.
@@ -51,6 +53,7 @@ ENV_SWITCH = "JAXMODELS_CPU_MATVEC"  # "0" turns the kernel off
 TARGETS = {jnp.dtype(jnp.float32): "jaxmodels_matvec_f32", jnp.dtype(jnp.bfloat16): "jaxmodels_matvec_bf16",
            jnp.dtype(jnp.int8): "jaxmodels_matvec_s8"}
 TAKE_ROWS = "jaxmodels_take_rows"
+ATTENTION = "jaxmodels_decode_attention"  # `jaxmodels.cpu_attention`
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -71,18 +74,19 @@ def compiler() -> str:
 
 
 def build() -> Path:
-    """Compile `cpu_matvec.cc` (once per source, compiler, jaxlib and CPU) and return the library."""
+    """Compile the CPU kernels' sources into one library (once per source, compiler, jaxlib and CPU)
+    and return it."""
     cxx = compiler()
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), cxx.encode(), " ".join(FLAGS).encode(),
-                                     jax.__version__.encode(), platform.machine().encode(),
-                                     " ".join(sorted(cpu_flags())).encode()])).hexdigest()[:16]
+    parts = [*(f.read_bytes() for f in SOURCES + HEADERS), cxx.encode(), " ".join(FLAGS).encode(),
+             jax.__version__.encode(), platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     lib = cache_dir() / f"cpu_matvec-{key}.so"
     if lib.exists():
         return lib
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:  # then renamed: parallel builds are safe
         out = Path(tmp) / lib.name
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(out)]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True)
         except OSError as e:
@@ -106,7 +110,7 @@ def available() -> bool:
     except (ConfigError, OSError) as e:
         warnings.warn(f"CPU decode kernel unavailable, decoding uses XLA's matmuls: {e}", stacklevel=2)
         return False
-    for name in (*TARGETS.values(), TAKE_ROWS):
+    for name in (*TARGETS.values(), TAKE_ROWS, ATTENTION):
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     return True
 

@@ -39,8 +39,9 @@ class KVCache:
     v: tuple[jax.Array, ...]  # L x [B*KV, S, hd]
     lengths: jax.Array  # [B] int32: valid positions per row
     # How its layers attend (static: part of the compiled program). "auto": the Pallas kernel on
-    # TPU, the jnp path elsewhere; "reference": the jnp path; "pallas": the kernel, on CPU only
-    # with `attention_interpret` (`pallas_kernels.attention`).
+    # TPU and GPU, on CPU `jaxmodels.cpu_attention` for dense layers and few new tokens, else the
+    # jnp path; "reference": the jnp path; "pallas": the Pallas kernel, on CPU only with
+    # `attention_interpret` (`pallas_kernels.attention`).
     attention_impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
     attention_interpret: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
