@@ -8,7 +8,7 @@ identical prompt token ids, greedy decoding with EOS treated as an ordinary toke
 nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
 (weight bytes + KV-cache bytes read) per decode step × decode steps per second, against the
-machine's read bandwidth measured in the same run. `--weights` adds rows with the weights in
+machine's read bandwidth measured just before that row's timed calls. `--weights` adds rows with the weights in
 bfloat16 (transformers in bfloat16 too) and int8 weight-only (jaxmodels/quantize.py), each with its
 logit error and greedy agreement against our float32.
 """
@@ -110,8 +110,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     hf = {k: _hf_generate(m, new_tokens) for k, m in _hf_models(config, params, formats).items()}
     reference = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
-    bandwidth = measure_read_bandwidth()
-    rows, results, f32_tokens = [], {}, {}
+    rows, results, f32_tokens, readings = [], {}, {}, []
     for weights in formats:
         # Converted once, as a service holds them: `generate` would otherwise copy them into the
         # decoding layout on every call (`params.decode_layout`, 0.25-0.6 s here).
@@ -121,6 +120,8 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
         theirs = hf["bfloat16" if weights == "bfloat16" else "float32"]
         for b in batch_sizes:
             batch = prompts[:b]
+            bandwidth = measure_read_bandwidth()  # beside the row's timing: this VM's reading moves 1.5x in minutes
+            readings.append(bandwidth)
             ours = lambda: generate(ours_params, config, batch, new_tokens, eos_token_ids=())  # noqa: E731
             t_ours = median_seconds(ours, repeats)
             t_hf = median_seconds(lambda: theirs(batch), repeats)
@@ -142,7 +143,9 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
               "ours / transformers", "ours / ours float32", "% of measured bandwidth",
               "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
-            f"of {repeats}. Measured read bandwidth ({BANDWIDTH_METHOD}): {bandwidth / 1e9:.1f} GB/s. CPU: "
+            f"of {repeats}. Measured read bandwidth ({BANDWIDTH_METHOD}), read again just before each row's "
+            f"timed calls, each row's % against its own reading: {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} "
+            f"GB/s in this run. CPU: "
             f"{cpu_model()} ({cpu_extensions()}). bfloat16 and int8 are weight-only: hidden states and "
             f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and group of 64 inputs (`quantize.GROUP_SIZE`) and is "
             f"compared with transformers in float32. Our weights are put in the decoding layout once "

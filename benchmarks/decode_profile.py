@@ -33,7 +33,7 @@ from benchmarks.decode import PROMPTS, cpu_extensions
 from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, markdown_table, measure_read_bandwidth, parse_decode_flags,
                                publish_report)
 from inference import engine, generate
-from jaxmodels.cpu_matvec import TAKE_ROWS
+from jaxmodels.cpu_matvec import ATTENTION, TAKE_ROWS
 from jaxmodels.params import decode_layout
 from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, weight_bytes
 from jaxmodels.weights import LAYER_WEIGHTS
@@ -132,16 +132,26 @@ def wall_time_by_class(events: list[tuple[float, float, str]]) -> dict[str, floa
     return dict(out)
 
 
-def must_read(config, params, batch: int, cache_len: int) -> dict[str, float]:
+def must_read(config, params, batch: int, positions: float) -> dict[str, float]:
     """Bytes per decode step each op class has to read at least: every matmul weight once, the LM
-    head's table, each layer's whole K and V buffers (attention reads all cache positions and masks
-    those past a row's length), and the new K and V rows it writes."""
+    head's table, the K and V rows of the `positions` cache positions attention reads per step (all
+    rows together), and the new K and V rows it writes."""
     layers = params["layers"]
     matmuls = sum(weight_bytes(lp[s.name]) for lp in layers for s in LAYER_WEIGHTS if s.matmul)
     head = weight_bytes(params["lm_head"] if "lm_head" in params else params["embed"])
     itemsize = jnp.dtype(engine.cache_dtype(params["embed"].dtype)).itemsize
-    row = 2 * len(layers) * batch * config.num_key_value_heads * config.head_dim * itemsize
-    return {"weight matmuls": matmuls, "LM head matmul": head, "attention": row * cache_len, "cache write": row}
+    position = 2 * len(layers) * config.num_key_value_heads * config.head_dim * itemsize
+    return {"weight matmuls": matmuls, "LM head matmul": head, "attention": position * positions,
+            "cache write": position * batch}
+
+
+def attended_positions(prompts: list[list[int]], steps: int, cache_len: int, kernel: bool) -> float:
+    """Cache positions attention reads per decode step, all rows together, averaged over the loop:
+    the CPU kernel (`jaxmodels.cpu_attention`) reads each row's length (prompt + i at step i), the
+    jnp path the whole buffer."""
+    if not kernel:
+        return len(prompts) * cache_len
+    return sum(len(p) + (steps + 1) / 2 for p in prompts)
 
 
 def untraced_step_ms(variants: dict[str, dict], config, prompts: list[list[int]], new_tokens: int,
@@ -186,8 +196,8 @@ def profile_decode(params, config, prompts: list[list[int]], new_tokens: int) ->
     traced_ms = traced * 1e3 / steps
     classes[BETWEEN_OPS] = (max(0.0, traced_ms - sum(ms for ms, _ in classes.values())), 0)
     cache_len = int(cache.split(",")[1]) if cache else 0
-    return {"traced_ms": traced_ms, "classes": classes,
-            "must_read": must_read(config, params, b, cache_len)}
+    positions = attended_positions(prompts, steps, cache_len, kernel=ATTENTION in hlo)
+    return {"traced_ms": traced_ms, "classes": classes, "must_read": must_read(config, params, b, positions)}
 
 
 def _rows(b: int, weights: str, res: dict, bandwidth: float) -> list[list]:
@@ -226,8 +236,8 @@ def run(variants: dict[str, dict], config, prompts, batch_sizes: list[int], new_
             f"{repeats} runs, the formats alternating. Wall ms: XLA:CPU runs independent ops on both cores at "
             f"once; each moment's time is split among the ops running then, so the classes add up to the "
             f"traced step (\"{BETWEEN_OPS}\" is the rest). MB it must read: each matmul weight once, the "
-            f"head's table, every layer's whole K/V buffers (attention masks, it does not skip, positions "
-            f"past a row's length), the new K/V rows. Measured read bandwidth ({BANDWIDTH_METHOD}): "
+            f"head's table, the K/V rows of the positions attention reads (the CPU kernel: each row's length, "
+            f"averaged over the loop; the jnp path: whole buffers), the new K/V rows. Measured read bandwidth ({BANDWIDTH_METHOD}): "
             f"{bandwidth / 1e9:.1f} GB/s. CPU: {cpu_model()} ({cpu_extensions()})."
             + (f" Untraced decode-step speed-up over {first}: {speed}." if speed else ""))
     return body, results
