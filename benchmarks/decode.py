@@ -8,7 +8,9 @@ identical prompt token ids, greedy decoding with EOS treated as an ordinary toke
 nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
 (weight bytes + KV-cache bytes read) per decode step × decode steps per second, against the
-machine's read bandwidth measured just before that row's timed calls. `--weights` adds rows with the weights in
+machine's read bandwidth measured just before that batch size's timed calls. At each batch size
+every weight format and transformers run alternating call by call, so the ratios compare calls
+made moments apart. `--weights` adds rows with the weights in
 bfloat16 (transformers in bfloat16 too) and int8 weight-only (jaxmodels/quantize.py), each with its
 logit error and greedy agreement against our float32.
 """
@@ -22,8 +24,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (BANDWIDTH_METHOD, cpu_model, publish_report, markdown_table, measure_read_bandwidth,
-                               median_seconds, parse_decode_flags)
+from benchmarks.report import (BANDWIDTH_METHOD, alternating_median_seconds, cpu_model, publish_report, markdown_table,
+                               measure_read_bandwidth, parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from inference.engine import cache_dtype
@@ -105,47 +107,56 @@ def _hf_models(config, params, formats):
     return out
 
 
+def _kv_bytes(config, params, batch: list[list[int]], new_tokens: int) -> float:
+    """KV-cache bytes a decode step reads, averaged over the call (the rows' mean length)."""
+    mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
+    return (2 * config.num_hidden_layers * len(batch) * config.num_key_value_heads * mean_len * config.head_dim
+            * cache_dtype(params["embed"].dtype).itemsize)
+
+
 def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str]) -> tuple[str, dict]:
+    """Per batch size, every weight format and transformers timed alternating call by call (one
+    round = one call of each), after the read bandwidth is measured; rows in format order."""
     config, params, tokenizer = load_model(smollm2_gguf_path())
     prompts = [tokenizer.encode(p) for p in PROMPTS]
     hf = {k: _hf_generate(m, new_tokens) for k, m in _hf_models(config, params, formats).items()}
     reference = unstack_layers(jax.tree_util.tree_map(jnp.asarray, params))
-    rows, results, f32_tokens, readings = [], {}, {}, []
-    for weights in formats:
-        # Converted once, as a service holds them: `generate` would otherwise copy them into the
-        # decoding layout on every call (`params.decode_layout`, 0.25-0.6 s here).
-        ours_params = decode_layout(convert_weights(reference, weights))
-        w_bytes = weight_bytes(ours_params)
-        err, top1 = logit_error(ours_params, reference, config, prompts) if weights != "float32" else (0.0, 1.0)
-        theirs = hf["bfloat16" if weights == "bfloat16" else "float32"]
-        for b in batch_sizes:
-            batch = prompts[:b]
-            bandwidth = measure_read_bandwidth()  # beside the row's timing: this VM's reading moves 1.5x in minutes
-            readings.append(bandwidth)
-            ours = lambda: generate(ours_params, config, batch, new_tokens, eos_token_ids=())  # noqa: E731
-            t_ours = median_seconds(ours, repeats)
-            t_hf = median_seconds(lambda: theirs(batch), repeats)
-            res = ours()
-            f32_tokens.setdefault(b, res.tokens)
-            greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens[b]))
-            mean_len = statistics.mean(len(p) for p in batch) + new_tokens / 2
-            kv_bytes = (2 * config.num_hidden_layers * b * config.num_key_value_heads * mean_len * config.head_dim
-                        * cache_dtype(ours_params["embed"].dtype).itemsize)
-            achieved = (w_bytes + kv_bytes) * res.decode_tokens_per_second / b
-            tps_ours, tps_hf = b * new_tokens / t_ours, b * new_tokens / t_hf
-            results[(weights, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf,
-                                         roofline=achieved / bandwidth)
-            rows.append([weights, b, w_bytes / 1e6, tps_ours, "bf16" if weights == "bfloat16" else "f32", tps_hf,
+    # Converted once, as a service holds them: `generate` would otherwise copy them into the
+    # decoding layout on every call (`params.decode_layout`, 0.25-0.6 s here).
+    ours = {w: decode_layout(convert_weights(reference, w)) for w in formats}
+    errors = {w: logit_error(ours[w], reference, config, prompts) if w != "float32" else (0.0, 1.0) for w in formats}
+    rows, results, readings = [], {}, []
+    for b in batch_sizes:
+        batch = prompts[:b]
+        calls = {("ours", w): (lambda p=ours[w]: generate(p, config, batch, new_tokens, eos_token_ids=()))
+                 for w in formats}
+        calls.update({("hf", dt): (lambda t=theirs: t(batch)) for dt, theirs in hf.items()})
+        readings.append(bandwidth := measure_read_bandwidth())  # beside the timing: it moves 1.5x in minutes
+        seconds = alternating_median_seconds(calls, repeats)
+        f32_tokens = None
+        for w in formats:
+            res = calls[("ours", w)]()
+            f32_tokens = f32_tokens or res.tokens
+            greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens))
+            achieved = (weight_bytes(ours[w]) + _kv_bytes(config, ours[w], batch, new_tokens)) \
+                * res.decode_tokens_per_second / b
+            tps_ours = b * new_tokens / seconds[("ours", w)]
+            tps_hf = b * new_tokens / seconds[("hf", "bfloat16" if w == "bfloat16" else "float32")]
+            results[(w, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf, roofline=achieved / bandwidth)
+            err, top1 = errors[w]
+            rows.append([w, b, weight_bytes(ours[w]) / 1e6, tps_ours, "bf16" if w == "bfloat16" else "f32", tps_hf,
                          tps_ours / tps_hf, tps_ours / results[("float32", b)]["ours"] if ("float32", b) in results else 1.0,
                          100 * achieved / bandwidth, f"{greedy}/{b}", f"{err:.2%} / {top1:.3f}"])
             print(rows[-1], flush=True)
+    rows.sort(key=lambda r: formats.index(r[0]))
     header = ["weights", "batch", "weight MB", "ours tok/s", "transformers dtype", "transformers tok/s",
               "ours / transformers", "ours / ours float32", "% of measured bandwidth",
               "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
-            f"of {repeats}. Measured read bandwidth ({BANDWIDTH_METHOD}), read again just before each row's "
-            f"timed calls, each row's % against its own reading: {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} "
-            f"GB/s in this run. CPU: "
+            f"of {repeats}; at each batch size every format and transformers are timed alternating call by call. "
+            f"Measured read bandwidth ({BANDWIDTH_METHOD}), read again before each batch size's timed calls, each "
+            f"row's % against its own reading: {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s in this "
+            f"run. CPU: "
             f"{cpu_model()} ({cpu_extensions()}). bfloat16 and int8 are weight-only: hidden states and "
             f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and group of 64 inputs (`quantize.GROUP_SIZE`) and is "
             f"compared with transformers in float32. Our weights are put in the decoding layout once "

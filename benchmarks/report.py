@@ -52,6 +52,20 @@ def _timings(fn, repeats: int) -> list[float]:
     return times
 
 
+def alternating_median_seconds(fns: dict, repeats: int) -> dict:
+    """Median wall time of each fn() over `repeats` rounds, after one warm-up round; each round
+    calls every fn once, in turn, so a slow spell of a shared machine hits them all alike."""
+    for fn in fns.values():
+        fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_seconds(fn, repeats: int) -> float:
     """Median wall time of fn() over `repeats` calls after one warm-up call."""
     return statistics.median(_timings(fn, repeats))

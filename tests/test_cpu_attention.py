@@ -111,3 +111,14 @@ def test_greedy_decoding_through_it_equals_the_jnp_path(weights):
     hlo = [exe for key, exe in engine._COMPILED.items() if key[0] == "decode_loop"]
     assert runs["auto"] == runs["reference"]
     assert any(cpu_matvec.ATTENTION in exe.as_text() for exe in hlo)
+
+
+def test_the_benchmark_times_both_paths_and_compares_their_tokens():
+    from benchmarks.cpu_attention import padded, run
+
+    config = tiny_config()
+    params = decode_layout(init_params(config, jax.random.key(0)))
+    assert padded([[1, 2, 3]], 7) == [[1, 2, 3, 1, 2, 3, 1]] and padded([[1, 2]], 0) == [[1, 2]]
+    body = run({"float32": params}, config, [[1, 2, 3], [4, 5]], [1, 2], [0, 20], 4, 1)
+    rows = [line for line in body.splitlines() if line.startswith("| float32")]
+    assert len(rows) == 4 and all(row.endswith("| yes |") for row in rows)
