@@ -31,9 +31,10 @@ struct Attention {
 };
 
 // q . k for every visible slot, times 1/sqrt(hd), into scores[0, visible); returns their max.
+template <int V>  // registers per head (head_dim / kLanes) when known at compile time, else 0
 float scores_of(const Attention& a, const float* q, const float* keys, int64_t visible, float* scores) {
+  const int64_t vecs = V ? V : a.head_dim / kLanes;
   const float scale = float(1.0 / std::sqrt(double(a.head_dim)));
-  const int64_t vecs = a.head_dim / kLanes;
   fvec qv[kMaxHeadDim / kLanes];
   for (int64_t c = 0; c < vecs; ++c) qv[c] = load(q + c * kLanes);
   float best = -std::numeric_limits<float>::infinity();
@@ -60,8 +61,9 @@ float exponentiate(float* scores, int64_t visible, int64_t padded, float best) {
 }
 
 // out = sum_s weights[s] * values[s] / total, over the visible slots.
+template <int V>
 void mix(const Attention& a, const float* weights, const float* values, int64_t visible, float total, float* out) {
-  const int64_t vecs = a.head_dim / kLanes;
+  const int64_t vecs = V ? V : a.head_dim / kLanes;
   fvec acc[kMaxHeadDim / kLanes];
   for (int64_t c = 0; c < vecs; ++c) acc[c] = zero();
   for (int64_t s = 0; s < visible; ++s) {
@@ -74,6 +76,7 @@ void mix(const Attention& a, const float* weights, const float* values, int64_t 
 }
 
 // Every query of row b whose head reads KV head h: the group's heads times the row's tokens.
+template <int V>
 void attend_group(const Attention& a, int64_t b, int64_t h, std::vector<float>& scores) {
   const int64_t group = a.heads / a.kv_heads, hd = a.head_dim;
   const float* keys = a.k + (b * a.kv_heads + h) * a.slots * hd;
@@ -88,10 +91,10 @@ void attend_group(const Attention& a, int64_t b, int64_t h, std::vector<float>& 
         std::fill(a.out + at, a.out + at + hd, 0.0f);
         continue;
       }
-      float best = scores_of(a, a.q + at, keys, visible, scores.data());
+      float best = scores_of<V>(a, a.q + at, keys, visible, scores.data());
       for (int64_t s = visible; s < padded; ++s) scores[s] = best;  // padding: e^0, then zeroed
       float total = exponentiate(scores.data(), visible, padded, best);
-      mix(a, scores.data(), values, visible, total, a.out + at);
+      mix<V>(a, scores.data(), values, visible, total, a.out + at);
     }
   }
 }
@@ -119,7 +122,13 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
   int64_t tasks = a.batch * kv;
   parallel_for(pool, tasks, helpers_for(pool, tasks, bytes), [&a, kv](int64_t i) {
     thread_local std::vector<float> scores;
-    attend_group(a, i / kv, i % kv, scores);
+    if (a.head_dim == 64) {  // the common head sizes, unrolled; any other multiple of 16 runs the loop
+      attend_group<64 / kLanes>(a, i / kv, i % kv, scores);
+    } else if (a.head_dim == 128) {
+      attend_group<128 / kLanes>(a, i / kv, i % kv, scores);
+    } else {
+      attend_group<0>(a, i / kv, i % kv, scores);
+    }
   });
   return ffi::Error::Success();
 }

@@ -122,3 +122,34 @@ def test_the_benchmark_times_both_paths_and_compares_their_tokens():
     body = run({"float32": params}, config, [[1, 2, 3], [4, 5]], [1, 2], [0, 20], 4, 1)
     rows = [line for line in body.splitlines() if line.startswith("| float32")]
     assert len(rows) == 4 and all(row.endswith("| yes |") for row in rows)
+
+
+@pytest.mark.parametrize("isa", ["-mno-avx512f", "-march=x86-64"])
+def test_the_avx2_and_scalar_builds_compute_the_same(isa, tmp_path):
+    """The library built without AVX-512 (AVX2 lanes) and for any x86-64 (scalar lanes), as
+    another CPU would build it: attention and the grouped int8 product equal the jnp path."""
+    import ctypes
+    import subprocess
+
+    lib_path = tmp_path / "kernels.so"
+    subprocess.run([cpu_matvec.compiler(), *cpu_matvec.FLAGS, isa, f"-I{jax.ffi.include_dir()}",
+                    *map(str, cpu_matvec.SOURCES), "-o", str(lib_path)], check=True)
+    lib = ctypes.cdll.LoadLibrary(str(lib_path))
+    tag = isa.strip("-").replace("=", "_").replace("-", "_")
+    for name in (cpu_matvec.ATTENTION, cpu_matvec.TARGETS[jnp.dtype(jnp.int8)]):
+        jax.ffi.register_ffi_target(f"{name}_{tag}", jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    q, k, v, pos = _problem(np.random.default_rng(4), 3, 5, 6, 2, 40, 64, scale=4.0)
+    got = jax.ffi.ffi_call(f"{cpu_matvec.ATTENTION}_{tag}", jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                           vmap_method="sequential")(q, k, v, pos)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(gqa_attention(q, k, v, pos, jnp.arange(40))),
+                               rtol=2e-5, atol=1e-5)
+    rng = np.random.default_rng(5)
+    w = jnp.asarray(rng.integers(-127, 128, (24, 128)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(0.01, 0.1, (2, 24)), jnp.float32)  # 2 groups of 64 inputs
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    y = jax.ffi.ffi_call(f"{cpu_matvec.TARGETS[jnp.dtype(jnp.int8)]}_{tag}", jax.ShapeDtypeStruct((3, 24), jnp.float32),
+                         vmap_method="sequential")(x, w, scale.reshape(-1))
+    exact = sum(np.asarray(x[:, g * 64:(g + 1) * 64], np.float64) @ (np.asarray(w[:, g * 64:(g + 1) * 64], np.float64)
+                                                                     * np.asarray(scale[g], np.float64)[:, None]).T
+                for g in range(2))
+    np.testing.assert_allclose(np.asarray(y), exact, rtol=1e-5, atol=1e-5)
