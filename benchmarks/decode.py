@@ -7,7 +7,8 @@ Both sides get identical float32 weights (ours exported to a Hugging Face folder
 identical prompt token ids, greedy decoding with EOS treated as an ordinary token (neither masked
 nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
-(weight bytes + KV-cache bytes read) per decode step × decode steps per second, against the
+(weight bytes + KV-cache bytes read) per decode step × decode steps per second (the median over the
+timed calls), against the
 machine's read bandwidth measured just before that batch size's timed calls. At each batch size
 every weight format and transformers run alternating call by call, so the ratios compare calls
 made moments apart. `--weights` adds rows with the weights in
@@ -24,7 +25,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (BANDWIDTH_METHOD, alternating_median_seconds, cpu_model, publish_report, markdown_table,
+from benchmarks.report import (BANDWIDTH_METHOD, alternating_runs, cpu_model, publish_report, markdown_table,
                                measure_read_bandwidth, parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
@@ -132,14 +133,15 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
                  for w in formats}
         calls.update({("hf", dt): (lambda t=theirs: t(batch)) for dt, theirs in hf.items()})
         readings.append(bandwidth := measure_read_bandwidth())  # beside the timing: it moves 1.5x in minutes
-        seconds = alternating_median_seconds(calls, repeats)
+        runs = alternating_runs(calls, repeats)
+        seconds = {name: statistics.median(t for t, _ in timed) for name, timed in runs.items()}
         f32_tokens = None
         for w in formats:
-            res = calls[("ours", w)]()
+            res = runs[("ours", w)][-1][1]
             f32_tokens = f32_tokens or res.tokens
             greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens))
-            achieved = (weight_bytes(ours[w]) + _kv_bytes(config, ours[w], batch, new_tokens)) \
-                * res.decode_tokens_per_second / b
+            decode_rate = statistics.median(r.decode_tokens_per_second for _, r in runs[("ours", w)])
+            achieved = (weight_bytes(ours[w]) + _kv_bytes(config, ours[w], batch, new_tokens)) * decode_rate / b
             tps_ours = b * new_tokens / seconds[("ours", w)]
             tps_hf = b * new_tokens / seconds[("hf", "bfloat16" if w == "bfloat16" else "float32")]
             results[(w, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf, roofline=achieved / bandwidth)
@@ -154,6 +156,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
               "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
             f"of {repeats}; at each batch size every format and transformers are timed alternating call by call. "
+            f"Achieved bandwidth: bytes per decode step times the median decode-loop rate of those calls. "
             f"Measured read bandwidth ({BANDWIDTH_METHOD}), read again before each batch size's timed calls, each "
             f"row's % against its own reading: {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s in this "
             f"run. CPU: "

@@ -52,18 +52,19 @@ def _timings(fn, repeats: int) -> list[float]:
     return times
 
 
-def alternating_median_seconds(fns: dict, repeats: int) -> dict:
-    """Median wall time of each fn() over `repeats` rounds, after one warm-up round; each round
-    calls every fn once, in turn, so a slow spell of a shared machine hits them all alike."""
+def alternating_runs(fns: dict, repeats: int) -> dict:
+    """Each fn() timed `repeats` times after one warm-up round: name -> [(wall seconds, return
+    value)]. Each round calls every fn once, in turn, so a slow spell of a shared machine hits them
+    all alike."""
     for fn in fns.values():
         fn()
-    times: dict = {name: [] for name in fns}
+    runs: dict = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            out = fn()
+            runs[name].append((time.perf_counter() - t0, out))
+    return runs
 
 
 def median_seconds(fn, repeats: int) -> float:
