@@ -36,7 +36,7 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
     stored = _output_major_parts(w)
     if stored is not None:
         return output_major_matmuls([stored], x)[0]
-    if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul, group by group
+    if isinstance(w, Int8Weight):  # weight-only int8: dequantized inside the matmul (`_grouped_int8`)
         return _grouped_int8(x, w.q.astype(x.dtype), w.scale.astype(x.dtype), "...Gg,Ggn->...Gn", 0)
     return x @ w
 
@@ -44,10 +44,17 @@ def dense(w: jax.Array | LowRank | Int8Weight | OutputMajor, x: jax.Array) -> ja
 def _grouped_int8(x: jax.Array, w: jax.Array, scale: jax.Array, spec: str, in_axis: int) -> jax.Array:
     """sum_g (x_g @ w_g) * scale[g] over the G groups of scale [G, n] (`quantize.Int8Weight`): w is
     [m, n] (in_axis 0) or output-major [n, m] (in_axis 1, G > 1 only) and `spec` the einsum of one
-    group's product. One group: the plain product times the scale."""
+    group's product. One group: the plain product times the scale. Over FEW_ROWS rows, one product
+    with the dequantized weight: G products of m / G inputs write G partial outputs each, and
+    SmolLM2's int8 prefill on CPU (8 rows x 32 tokens) took 1.56 s that way against 0.55 s."""
     groups, m = scale.shape[0], x.shape[-1]
     if groups == 1:
         return (x @ w) * scale[0]
+    if math.prod(x.shape[:-1]) > FEW_ROWS:  # many rows: one product with the dequantized weight
+        if in_axis == 0:
+            return x @ (w.reshape(groups, m // groups, -1) * scale[:, None, :]).reshape(m, -1)
+        dequantized = (w.reshape(w.shape[0], groups, m // groups) * scale.T[:, :, None]).reshape(w.shape)
+        return jnp.einsum("...m,nm->...n", x, dequantized)
     xg = x.reshape(*x.shape[:-1], groups, m // groups)
     wg = w.reshape(groups, m // groups, -1) if in_axis == 0 else w.reshape(w.shape[0], groups, m // groups)
     return jnp.sum(jnp.einsum(spec, xg, wg) * scale, axis=-2)

@@ -57,6 +57,19 @@ def test_groups_keep_an_outlier_from_coarsening_its_whole_column():
     assert grouped * 10 < per_column
 
 
+@pytest.mark.parametrize("rows", [3, 200])  # the group-by-group product, and past FEW_ROWS the dequantized one
+def test_a_grouped_int8_matmul_equals_the_float64_product_of_its_dequantized_weight(rows):
+    from jaxmodels.layers import FEW_ROWS, _xla_matmul, dense
+
+    rng = np.random.default_rng(rows)
+    w = quantize_int8(jnp.asarray(rng.standard_normal((192, 40)), jnp.float32))  # 3 groups of 64 inputs
+    x = jnp.asarray(rng.standard_normal((rows, 192)), jnp.float32)
+    exact = np.asarray(x, np.float64) @ np.asarray(w.dequantize(), np.float64)
+    assert (rows > FEW_ROWS) == (rows == 200)
+    np.testing.assert_allclose(np.asarray(dense(w, x)), exact, rtol=1e-5, atol=1e-4)  # stored [m, n]
+    np.testing.assert_allclose(np.asarray(_xla_matmul(w.q.T, x, w.scale)), exact, rtol=1e-5, atol=1e-4)  # [n, m]
+
+
 def test_embedding_rows_share_one_scale_for_lookup_and_head():
     e = np.random.default_rng(0).standard_normal((11, 4)).astype(np.float32)
     rows = quantize_rows(e, group_size=None)
