@@ -114,6 +114,7 @@ ffi::Error decode_attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
         "cpu decode attention: heads must be a multiple of KV heads, head_dim a multiple of 16 up to 256");
   Attention a{q.typed_data(), k.typed_data(), v.typed_data(), positions.typed_data(), (*out).typed_data(),
               qd[0], qd[1], qd[2], kv, kd[1], qd[3]};
+  if (a.tokens == 0 || a.heads == 0) return ffi::Error::Success();  // nothing to attend
   int64_t bytes = 0;  // keys and values read: each row's KV heads up to its furthest query
   for (int64_t b = 0; b < a.batch; ++b) {
     int64_t furthest = *std::max_element(a.positions + b * a.tokens, a.positions + (b + 1) * a.tokens);

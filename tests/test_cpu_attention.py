@@ -80,6 +80,7 @@ def test_it_applies_to_float32_few_queries_and_head_sizes_it_takes():
     assert not cpu_attention.applies(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
     assert not cpu_attention.applies(jnp.zeros((1, 17, 4, 64)), k)  # a prefill chunk
     assert not cpu_attention.applies(jnp.zeros((1, 1, 4, 24)), jnp.zeros((2, 32, 24)))
+    assert cpu_attention.decode_attention(jnp.zeros((1, 0, 4, 64)), k, k, jnp.zeros((1, 0), jnp.int32)).shape == (1, 0, 4, 64)
     with pytest.raises(ConfigError, match="multiple of KV"):
         cpu_attention.decode_attention(jnp.zeros((1, 1, 3, 64)), k, k, jnp.zeros((1, 1), jnp.int32))
 
