@@ -26,7 +26,6 @@ from jaxmodels import cpu_matvec
 from jaxmodels.config import ConfigError
 
 MAX_QUERIES = 16  # new tokens per row: decoding and verification; a prefill keeps the jnp path
-LANES = 16  # the head size must be a multiple of the kernel's widest vector
 MAX_HEAD_DIM = 256
 
 
@@ -36,7 +35,7 @@ def applies(q: jax.Array, keys: jax.Array) -> bool:
     hd = q.shape[-1]
     return (jax.default_backend() == "cpu" and q.ndim == 4 and q.shape[1] <= MAX_QUERIES
             and q.dtype == jnp.float32 and keys.dtype == jnp.float32
-            and hd % LANES == 0 and hd <= MAX_HEAD_DIM and cpu_matvec.available())
+            and hd % cpu_matvec.WIDEST_VECTOR == 0 and hd <= MAX_HEAD_DIM and cpu_matvec.available())
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array) -> jax.Array:

@@ -115,7 +115,8 @@ def available() -> bool:
     return True
 
 
-GROUP_MULTIPLE = 16  # inputs per scale group: a multiple of the kernel's widest vector (16 lanes)
+WIDEST_VECTOR = 16  # float32 lanes of the kernels' widest register (AVX-512); sizes they split are multiples
+GROUP_MULTIPLE = WIDEST_VECTOR  # inputs per int8 scale group
 
 
 def applies(wt: jax.Array, x: jax.Array, scale: jax.Array | None = None) -> bool:
