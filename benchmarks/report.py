@@ -78,23 +78,25 @@ def best_seconds(fn, repeats: int) -> float:
 
 
 BANDWIDTH_METHOD = ("the best of 10 reads of 1 GiB of float32, as 16 independent jitted sums in one program "
-                    "and, where it is built, as the CPU decode kernel's product with a [524288, 512] matrix")
+                    "and, where it is built, as the CPU decode kernel's product with a [524288, 512] matrix; "
+                    "both in huge-page memory where decoding weights are (`jaxmodels.huge_pages`)")
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, parts: int = 16) -> float:
     """Bytes/s of reading a large float32 array on all cores (`BANDWIDTH_METHOD`): the best of two
     readers, `repeats` times each, alternating. One jitted sum over 1 GiB reads on one core (26-38
     GB/s on a 2-core EPYC, 2026-12-03, where 16 sums in one program read 36-37 and the decode
-    kernel's matmuls read 43), so it understated the machine and overstated our share of it."""
+    kernel's matmuls read 43), so it understated the machine and overstated our share of it. The
+    arrays go where decoding's weights go (`huge_pages.place`: 2 MiB pages read 3-14% faster)."""
     import jax
     import jax.numpy as jnp
-    from jaxmodels import cpu_matvec
+    from jaxmodels import cpu_matvec, huge_pages
 
-    xs = [jnp.ones((nbytes // 4 // parts,), jnp.float32) for _ in range(parts)]
+    xs = huge_pages.place([jnp.ones((nbytes // 4 // parts,), jnp.float32) for _ in range(parts)])
     sums = jax.jit(lambda xs: sum(jnp.sum(x) for x in xs))  # independent: XLA:CPU runs them at once
     readers = [lambda: sums(xs).block_until_ready()]
     if jax.default_backend() == "cpu" and cpu_matvec.available():
-        w, row = jnp.ones((nbytes // 4 // 512, 512), jnp.float32), jnp.ones((1, 512), jnp.float32)
+        w, row = huge_pages.place(jnp.ones((nbytes // 4 // 512, 512), jnp.float32)), jnp.ones((1, 512), jnp.float32)
         product = jax.jit(cpu_matvec.matvec)
         readers.append(lambda: product(row, w).block_until_ready())
     for read in readers:
