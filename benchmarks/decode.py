@@ -7,11 +7,10 @@ Both sides get identical float32 weights (ours exported to a Hugging Face folder
 identical prompt token ids, greedy decoding with EOS treated as an ordinary token (neither masked
 nor stopping) so every row makes the same number of tokens. tokens/s = generated tokens / wall time of the whole generate call (prefill + decode;
 compilation excluded for JAX, one warm-up call for both). Achieved bandwidth follows gpt-fast:
-(weight bytes + KV-cache bytes read) per decode step × decode steps per second (the median over the
-timed calls), against the
-machine's read bandwidth measured just before that batch size's timed calls. At each batch size
-every weight format and transformers run alternating call by call, so the ratios compare calls
-made moments apart. `--weights` adds rows with the weights in
+(weight bytes + KV-cache bytes read) per decode step × decode steps per second, over the machine's
+read bandwidth read in the same round of calls (the median over rounds). At each batch size every
+weight format and transformers run alternating call by call, so the ratios compare calls made
+moments apart. `--weights` adds rows with the weights in
 bfloat16 (transformers in bfloat16 too) and int8 weight-only (jaxmodels/quantize.py), each with its
 logit error and greedy agreement against our float32.
 """
@@ -25,8 +24,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.report import (BANDWIDTH_METHOD, alternating_runs, cpu_model, publish_report, markdown_table,
-                               measure_read_bandwidth, parse_decode_flags)
+from benchmarks.report import (BANDWIDTH_METHOD, alternating_runs, bandwidth_reader, cpu_model, publish_report,
+                               markdown_table, parse_decode_flags)
 from inference import generate
 from jaxmodels.convert import load_model, save_hf_checkpoint, smollm2_gguf_path
 from inference.engine import cache_dtype
@@ -34,6 +33,7 @@ from jaxmodels.model import decode_embedding, exit_logits, run_layers, unstack_l
 from jaxmodels.params import decode_layout
 from jaxmodels.quantize import WEIGHT_FORMATS, convert_weights, cpu_flags, weight_bytes
 
+BANDWIDTH = ("bandwidth", "")  # the reading timed among each round's calls
 PROMPTS = [
     "def quicksort(items):\n    \"\"\"Sort a list with quicksort.\"\"\"\n",
     "The three most important ideas in thermodynamics are",
@@ -115,6 +115,12 @@ def _kv_bytes(config, params, batch: list[list[int]], new_tokens: int) -> float:
             * cache_dtype(params["embed"].dtype).itemsize)
 
 
+def _paired_ratio(slow: list, fast: list) -> float:
+    """The median over rounds of slow's wall time over fast's in the same round (`alternating_runs`
+    results): a speed ratio that a drift of the machine's speed between rounds does not move."""
+    return statistics.median(t_slow / t_fast for (t_slow, _), (t_fast, _) in zip(slow, fast))
+
+
 def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str]) -> tuple[str, dict]:
     """Per batch size, every weight format and transformers timed alternating call by call (one
     round = one call of each), after the read bandwidth is measured; rows in format order."""
@@ -127,39 +133,45 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
     ours = {w: decode_layout(convert_weights(reference, w)) for w in formats}
     errors = {w: logit_error(ours[w], reference, config, prompts) if w != "float32" else (0.0, 1.0) for w in formats}
     rows, results, readings = [], {}, []
+    read_bandwidth = bandwidth_reader()
     for b in batch_sizes:
         batch = prompts[:b]
         calls = {("ours", w): (lambda p=ours[w]: generate(p, config, batch, new_tokens, eos_token_ids=()))
                  for w in formats}
         calls.update({("hf", dt): (lambda t=theirs: t(batch)) for dt, theirs in hf.items()})
-        readings.append(bandwidth := measure_read_bandwidth())  # beside the timing: it moves 1.5x in minutes
+        calls[BANDWIDTH] = lambda: read_bandwidth(3)  # every round: it moves 1.7x within minutes here
         runs = alternating_runs(calls, repeats)
+        bandwidths = [bw for _, bw in runs.pop(BANDWIDTH)]
+        readings += bandwidths
         seconds = {name: statistics.median(t for t, _ in timed) for name, timed in runs.items()}
         f32_tokens = None
         for w in formats:
             res = runs[("ours", w)][-1][1]
             f32_tokens = f32_tokens or res.tokens
             greedy = sum(a == t for a, t in zip(res.tokens, f32_tokens))
-            decode_rate = statistics.median(r.decode_tokens_per_second for _, r in runs[("ours", w)])
-            achieved = (weight_bytes(ours[w]) + _kv_bytes(config, ours[w], batch, new_tokens)) * decode_rate / b
-            tps_ours = b * new_tokens / seconds[("ours", w)]
-            tps_hf = b * new_tokens / seconds[("hf", "bfloat16" if w == "bfloat16" else "float32")]
-            results[(w, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=tps_ours / tps_hf, roofline=achieved / bandwidth)
+            step_bytes = weight_bytes(ours[w]) + _kv_bytes(config, ours[w], batch, new_tokens)
+            share = statistics.median(step_bytes * r.decode_tokens_per_second / b / bw  # round by round
+                                      for (_, r), bw in zip(runs[("ours", w)], bandwidths))
+            theirs = ("hf", "bfloat16" if w == "bfloat16" else "float32")
+            tps_ours, tps_hf = b * new_tokens / seconds[("ours", w)], b * new_tokens / seconds[theirs]
+            speedup, over_f32 = (_paired_ratio(runs[theirs], runs[("ours", w)]),
+                                 _paired_ratio(runs[("ours", w)], runs[("ours", "float32")]))
+            results[(w, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=speedup, over_f32=over_f32, roofline=share)
             err, top1 = errors[w]
             rows.append([w, b, weight_bytes(ours[w]) / 1e6, tps_ours, "bf16" if w == "bfloat16" else "f32", tps_hf,
-                         tps_ours / tps_hf, tps_ours / results[("float32", b)]["ours"] if ("float32", b) in results else 1.0,
-                         100 * achieved / bandwidth, f"{greedy}/{b}", f"{err:.2%} / {top1:.3f}"])
+                         speedup, over_f32, 100 * share, f"{greedy}/{b}", f"{err:.2%} / {top1:.3f}"])
             print(rows[-1], flush=True)
     rows.sort(key=lambda r: formats.index(r[0]))
     header = ["weights", "batch", "weight MB", "ours tok/s", "transformers dtype", "transformers tok/s",
               "ours / transformers", "ours / ours float32", "% of measured bandwidth",
               "rows = float32 greedy", "logit error / top-1 agreement vs float32"]
     body = (markdown_table(header, rows) + f"\n\nSmolLM2-135M-Instruct, {new_tokens} new tokens per row, greedy, median "
-            f"of {repeats}; at each batch size every format and transformers are timed alternating call by call. "
-            f"Achieved bandwidth: bytes per decode step times the median decode-loop rate of those calls. "
-            f"Measured read bandwidth ({BANDWIDTH_METHOD}), read again before each batch size's timed calls, each "
-            f"row's % against its own reading: {min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s in this "
-            f"run. CPU: "
+            f"of {repeats}; at each batch size every format and transformers are timed alternating call by call "
+            f"(the ratios: the median over rounds of the ratio within a round), "
+            f"and each round of calls also reads the machine's bandwidth ({BANDWIDTH_METHOD}): "
+            f"{min(readings) / 1e9:.1f}-{max(readings) / 1e9:.1f} GB/s in this run. % of measured bandwidth: bytes "
+            f"per decode step times the call's decode-loop rate over its round's reading, the median over "
+            f"rounds. CPU: "
             f"{cpu_model()} ({cpu_extensions()}). bfloat16 and int8 are weight-only: hidden states and "
             f"the KV cache stay float32 on CPU (`engine.cache_dtype`); int8 has a scale per output column and group of 64 inputs (`quantize.GROUP_SIZE`) and is "
             f"compared with transformers in float32. Our weights are put in the decoding layout once "

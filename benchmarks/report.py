@@ -77,17 +77,20 @@ def best_seconds(fn, repeats: int) -> float:
     return min(_timings(fn, repeats))
 
 
-BANDWIDTH_METHOD = ("the best of 10 reads of 1 GiB of float32, as 16 independent jitted sums in one program "
+BANDWIDTH_METHOD = ("the best of several reads (10 alone, 3 beside each round of timed calls) of 1 GiB of float32, "
+                    "as 16 independent jitted sums in one program "
                     "and, where it is built, as the CPU decode kernel's product with a [524288, 512] matrix; "
                     "both in huge-page memory where decoding weights are (`jaxmodels.huge_pages`)")
 
 
-def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, parts: int = 16) -> float:
-    """Bytes/s of reading a large float32 array on all cores (`BANDWIDTH_METHOD`): the best of two
-    readers, `repeats` times each, alternating. One jitted sum over 1 GiB reads on one core (26-38
-    GB/s on a 2-core EPYC, 2026-12-03, where 16 sums in one program read 36-37 and the decode
-    kernel's matmuls read 43), so it understated the machine and overstated our share of it. The
-    arrays go where decoding's weights go (`huge_pages.place`: 2 MiB pages read 3-14% faster)."""
+def bandwidth_reader(nbytes: int = 1 << 30, parts: int = 16):
+    """A function of `repeats` that returns the bytes/s of reading a large float32 array on all
+    cores (`BANDWIDTH_METHOD`): the best of two readers, `repeats` times each, alternating. One
+    jitted sum over 1 GiB reads on one core (26-38 GB/s on a 2-core EPYC, 2026-12-03, where 16 sums
+    in one program read 36-37 and the decode kernel's matmuls read 43), so it understated the
+    machine and overstated our share of it. The arrays go where decoding's weights go
+    (`huge_pages.place`) and stay allocated while the function lives, so benchmarks can read the
+    bandwidth beside each timed call."""
     import jax
     import jax.numpy as jnp
     from jaxmodels import cpu_matvec, huge_pages
@@ -101,13 +104,21 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, parts: int 
         readers.append(lambda: product(row, w).block_until_ready())
     for read in readers:
         read()  # compile
-    best = float("inf")
-    for _ in range(repeats):  # alternating, so a slow spell of a shared machine hits both
-        for read in readers:
-            t0 = time.perf_counter()
-            read()
-            best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+
+    def measure(repeats: int = 10) -> float:
+        best = float("inf")
+        for _ in range(repeats):  # alternating, so a slow spell of a shared machine hits both
+            for read in readers:
+                t0 = time.perf_counter()
+                read()
+                best = min(best, time.perf_counter() - t0)
+        return nbytes / best
+    return measure
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 10, parts: int = 16) -> float:
+    """Bytes/s of reading a large float32 array on all cores, once (`bandwidth_reader`)."""
+    return bandwidth_reader(nbytes, parts)(repeats)
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -20,3 +20,10 @@ def test_a_run_replaces_its_section_and_moves_the_old_one_to_history(tmp_path, m
     assert history.index("| run | 2 |") < history.index("| run | 1 |")  # newest first
     assert history.count("## Decode: model A (CPU)") == 2
     assert not (tmp_path / "history" / "training-step.md").exists()
+
+
+def test_paired_ratio_is_the_median_of_each_rounds_ratio():
+    from benchmarks.decode import _paired_ratio
+    slow = [(2.0, None), (8.0, None), (3.0, None)]  # the machine slowed 4x in round 2, for both
+    fast = [(1.0, None), (4.0, None), (2.0, None)]
+    assert _paired_ratio(slow, fast) == 2.0  # rounds: 2, 2, 1.5 (medians of each side: 3 / 2 = 1.5)
