@@ -155,7 +155,7 @@ def run(new_tokens: int, repeats: int, batch_sizes: list[int], formats: list[str
             theirs = ("hf", "bfloat16" if w == "bfloat16" else "float32")
             tps_ours, tps_hf = b * new_tokens / seconds[("ours", w)], b * new_tokens / seconds[theirs]
             speedup, over_f32 = (_paired_ratio(runs[theirs], runs[("ours", w)]),
-                                 _paired_ratio(runs[("ours", w)], runs[("ours", "float32")]))
+                                 _paired_ratio(runs[("ours", "float32")], runs[("ours", w)]))
             results[(w, b)] = dict(ours=tps_ours, hf=tps_hf, speedup=speedup, over_f32=over_f32, roofline=share)
             err, top1 = errors[w]
             rows.append([w, b, weight_bytes(ours[w]) / 1e6, tps_ours, "bf16" if w == "bfloat16" else "f32", tps_hf,
