@@ -27,3 +27,13 @@ def test_paired_ratio_is_the_median_of_each_rounds_ratio():
     slow = [(2.0, None), (8.0, None), (3.0, None)]  # the machine slowed 4x in round 2, for both
     fast = [(1.0, None), (4.0, None), (2.0, None)]
     assert _paired_ratio(slow, fast) == 2.0  # rounds: 2, 2, 1.5 (medians of each side: 3 / 2 = 1.5)
+
+
+def test_decode_scaling_table_compares_formats_within_each_round():
+    from benchmarks.decode_scaling import table
+    rounds = [{"bandwidth": 30e9, "float32": 50.0, "bfloat16": 100.0, "bytes": {"float32": 5e8, "bfloat16": 2.5e8}},
+              {"bandwidth": 60e9, "float32": 100.0, "bfloat16": 110.0, "bytes": {"float32": 5e8, "bfloat16": 2.5e8}}]
+    lines = table(rounds, ["float32", "bfloat16"]).splitlines()
+    assert lines[2].split(" | ")[1:] == ["30", "50", "83.3", "100", "83.3", "2 |"]  # round 1: bf16 at 2x
+    assert lines[3].split(" | ")[1:] == ["60", "100", "83.3", "110", "45.8", "1.1 |"]  # round 2: bf16 flat
+    assert lines[4].startswith("| median, slower half | 30 |") and lines[5].startswith("| median, faster half | 60 |")
