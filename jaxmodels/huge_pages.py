@@ -7,7 +7,7 @@ per token. `place` copies a parameter tree's large arrays into one anonymous map
 MADV_HUGEPAGE and hands them to JAX without another copy (`jax.device_put(..., may_alias=True)`
 aliases aligned host memory on CPU; the JAX array keeps the mapping alive). Measured on a 2-core
 EPYC, SmolLM2 greedy decode rate against the same weights in XLA's memory, alternating call by
-call: float32 +10% at batch 1 and +7% at batch 8, bf16 +3%, int8 +14% at batch 1 (even at 8).
+call: float32 +10% at batch 1 and +7% at batch 8, bf16 +3%, int8 +14% at batch 1 (-2% at 8, noise).
 Placing SmolLM2's float32 weights takes about 0.15 s (the process's first touch of fresh memory:
 about 1 s). Elsewhere (another OS or backend, huge pages off, a runtime that copies) it returns
 the tree unchanged.
