@@ -65,14 +65,19 @@ def _pointer(x: Any) -> int | None:
         return None
 
 
+def _in_arena(pointer: int) -> bool:
+    return any(lo <= pointer < hi and base() is not None for lo, hi, base in _ARENAS)
+
+
 def placed(x: Any) -> bool:
     """Whether x lies in memory `place` made."""
     p = _pointer(x)
-    return p is not None and any(lo <= p < hi and base() is not None for lo, hi, base in _ARENAS)
+    return p is not None and _in_arena(p)
 
 
 def _wanted(x: Any) -> bool:
-    return _pointer(x) is not None and x.nbytes >= MIN_BYTES and not placed(x)
+    p = _pointer(x)  # once per leaf: `decode_layout` checks every leaf on every `generate` call
+    return p is not None and x.nbytes >= MIN_BYTES and not _in_arena(p)
 
 
 def place(tree: Any) -> Any:
