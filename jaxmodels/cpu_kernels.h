@@ -52,6 +52,11 @@ inline fvec load(const uint16_t* p) {  // bf16 -> float32: the 16 bits become th
 inline fvec load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline void load_pairs(const uint16_t* p, fvec& even, fvec& odd) {  // see the comment after #endif
+  __m512i v = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kLanes = 8;
 typedef __m256 fvec;
@@ -78,6 +83,11 @@ inline fvec load(const uint16_t* p) {
 inline fvec load(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
+inline void load_pairs(const uint16_t* p, fvec& even, fvec& odd) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u))));
+}
 #else  // any other CPU: scalar lanes, vectorized by the compiler where it can
 constexpr int kLanes = 1;
 typedef float fvec;
@@ -91,7 +101,14 @@ inline fvec round_nearest(fvec v) { return std::nearbyint(v); }
 inline fvec times_pow2(fvec v, fvec n) { return std::ldexp(v, int(n)); }
 template <typename W>
 inline fvec load(const W* p) { return widen(*p); }
+inline void load_pairs(const uint16_t* p, fvec& even, fvec& odd) { even = widen(p[0]); odd = widen(p[1]); }
 #endif
+
+// load_pairs(p, even, odd): 2 * kLanes bf16 from p as two registers, the elements at even offsets
+// and those at odd ones. Each 32-bit lane holds a pair; a shift and a mask widen both halves of one
+// load, where `load` widens half as many through a lane-crossing shuffle and a shift. Streaming
+// SmolLM2-shaped bf16 weights on a 2-core EPYC, 2.1x float32's rate against 1.6-1.8x (standalone
+// C++ A/B, the decode's call pattern): fewer instructions per byte keep more loads in flight.
 
 // e^x for x <= 0 (softmax's scores minus their max), to about one float32 ulp: x = n ln2 + r with
 // |r| <= ln2 / 2, e^r by its Taylor series to r^7 (remainder under 1e-8), times 2^n. Below -87

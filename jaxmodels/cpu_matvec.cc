@@ -12,6 +12,7 @@
 // consecutive inputs; G = 1: one per output) or [0] (none), y [B, n].
 // One call may apply several weights of one dtype to the same x: a (w, scale) pair and a y each.
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -23,7 +24,21 @@ using namespace jaxmodels_cpu;
 struct Problem {
   const float* x; const void* w; const float* scale; float* y;
   int64_t batch, m, n, groups;  // groups > 1: scale [groups, n], each over m / groups inputs
+  const float* x_split = nullptr;  // bf16: x's rows, each as its m / 2 even elements then its odd ones
 };
+
+// x [B, m] as pair_tile reads it: each row's elements at even offsets, then those at odd offsets;
+// 64-byte aligned (a vector load across two cache lines costs more), within `storage`.
+const float* split_even_odd(const float* x, int64_t batch, int64_t m, std::vector<float>& storage) {
+  storage.resize(batch * m + 16);
+  float* out = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t k = 0; k < m / 2; ++k) {
+      out[b * m + k] = x[b * m + 2 * k];
+      out[b * m + m / 2 + k] = x[b * m + 2 * k + 1];
+    }
+  return out;
+}
 
 // Row j of w against batch rows [b0, b0 + NB): NB float32 accumulators.
 template <typename W, int NB>
@@ -65,8 +80,31 @@ void grouped_tile(const Problem& p, int64_t j, int64_t b0) {
   for (int b = 0; b < NB; ++b) p.y[(b0 + b) * p.n + j] = hsum(acc[b]);
 }
 
+// A bf16 row j against batch rows [b0, b0 + NB), its weights read in pairs (`load_pairs`: no
+// shuffle) against x split into even and odd elements (m a multiple of 2 * kLanes). Each sum runs
+// in the same order whatever NB: per 2 * kLanes inputs, the even products, then the odd ones.
+template <int NB>
+void pair_tile(const Problem& p, int64_t j, int64_t b0) {
+  const uint16_t* w = static_cast<const uint16_t*>(p.w) + j * p.m;
+  const float* x = p.x_split + b0 * p.m;
+  const int64_t half = p.m / 2;
+  fvec acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = zero();
+  for (int64_t i = 0; i < p.m; i += 2 * kLanes) {
+    fvec even, odd;
+    load_pairs(w + i, even, odd);
+    for (int b = 0; b < NB; ++b) {
+      acc[b] = fma(even, load(x + b * p.m + i / 2), acc[b]);
+      acc[b] = fma(odd, load(x + b * p.m + half + i / 2), acc[b]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) p.y[(b0 + b) * p.n + j] = p.scale ? hsum(acc[b]) * p.scale[j] : hsum(acc[b]);
+}
+
 template <typename W, int NB>
 void any_tile(const Problem& p, int64_t j, int64_t b0) {
+  if constexpr (std::is_same_v<W, uint16_t>)
+    if (p.x_split && p.groups == 1) return pair_tile<NB>(p, j, b0);
   if (p.groups > 1) grouped_tile<W, NB>(p, j, b0); else tile<W, NB>(p, j, b0);
 }
 
@@ -115,6 +153,9 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
   if (xd.size() != 2 || args.size() == 0 || args.size() != 2 * rets.size())
     return ffi::Error::InvalidArgument("cpu_matvec: expected x [B, m], then (w, scale) per weight, a y per weight");
   std::vector<Problem> parts;
+  std::vector<float> storage;  // bf16 weights whose rows split into pairs of whole vectors: x split
+  const float* x_split = std::is_same_v<W, uint16_t> && xd[1] % (2 * kLanes) == 0
+                             ? split_even_odd(x.typed_data(), xd[0], xd[1], storage) : nullptr;
   for (size_t k = 0; k < rets.size(); ++k) {
     auto w = args.get<ffi::Buffer<T>>(2 * k);
     auto scale = args.get<ffi::Buffer<ffi::F32>>(2 * k + 1);
@@ -129,7 +170,8 @@ ffi::Error matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
       return ffi::Error::InvalidArgument(
           "cpu_matvec: scale must be [G, n] with G dividing m into groups of a multiple of 16 inputs, or none");
     parts.push_back(Problem{x.typed_data(), w->untyped_data(), count ? scale->typed_data() : nullptr,
-                            (*y)->typed_data(), xd[0], xd[1], wd[0], std::max<int64_t>(groups, 1)});
+                            (*y)->typed_data(), xd[0], xd[1], wd[0], std::max<int64_t>(groups, 1),
+                            x_split});
   }
   run<W>(pool, parts);
   return ffi::Error::Success();

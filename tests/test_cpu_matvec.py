@@ -58,6 +58,18 @@ def test_a_weight_split_among_threads_equals_the_float64_product(dtype):
     assert np.all(np.abs(y - exact) <= 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact_w).T))
 
 
+@pytest.mark.parametrize("m", [2 * cpu_matvec.WIDEST_VECTOR, 6 * cpu_matvec.WIDEST_VECTOR, 576])
+def test_bf16_read_in_pairs_equals_the_float64_product(m):
+    """bf16 rows of whole pairs of vectors take `pair_tile` (even and odd inputs summed apart),
+    in 8-, 4- and 1-row tiles; tails of other lengths are covered above."""
+    rng = np.random.default_rng(m)
+    wt, _, exact_w = _weight(rng, 37, m, "bfloat16")
+    x = rng.standard_normal((13, m)).astype(np.float32)
+    y = np.asarray(cpu_matvec.matvec(jnp.asarray(x), wt))
+    exact = x.astype(np.float64) @ exact_w.T
+    assert np.all(np.abs(y - exact) <= 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(exact_w).T))
+
+
 def test_a_rows_result_does_not_depend_on_the_rows_beside_it():
     """Each output is summed in the same order whatever the batch (1-, 4- and 8-row tiles alike),
     so a sequence decodes to the same bits alone or batched."""
