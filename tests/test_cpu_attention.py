@@ -128,7 +128,8 @@ def test_the_benchmark_times_both_paths_and_compares_their_tokens():
 @pytest.mark.parametrize("isa", ["-mno-avx512f", "-march=x86-64"])
 def test_the_avx2_and_scalar_builds_compute_the_same(isa, tmp_path):
     """The library built without AVX-512 (AVX2 lanes) and for any x86-64 (scalar lanes), as
-    another CPU would build it: attention and the grouped int8 product equal the jnp path."""
+    another CPU would build it: attention, the grouped int8 product and the bf16 product (its
+    weights read in pairs) equal the jnp path / the float64 product."""
     import ctypes
     import subprocess
 
@@ -137,7 +138,7 @@ def test_the_avx2_and_scalar_builds_compute_the_same(isa, tmp_path):
                     *map(str, cpu_matvec.SOURCES), "-o", str(lib_path)], check=True)
     lib = ctypes.cdll.LoadLibrary(str(lib_path))
     tag = isa.strip("-").replace("=", "_").replace("-", "_")
-    for name in (cpu_matvec.ATTENTION, cpu_matvec.TARGETS[jnp.dtype(jnp.int8)]):
+    for name in (cpu_matvec.ATTENTION, cpu_matvec.TARGETS[jnp.dtype(jnp.int8)], cpu_matvec.TARGETS[jnp.dtype(jnp.bfloat16)]):
         jax.ffi.register_ffi_target(f"{name}_{tag}", jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
     q, k, v, pos = _problem(np.random.default_rng(4), 3, 5, 6, 2, 40, 64, scale=4.0)
     got = jax.ffi.ffi_call(f"{cpu_matvec.ATTENTION}_{tag}", jax.ShapeDtypeStruct(q.shape, jnp.float32),
@@ -154,3 +155,9 @@ def test_the_avx2_and_scalar_builds_compute_the_same(isa, tmp_path):
                                                                      * np.asarray(scale[g], np.float64)[:, None]).T
                 for g in range(2))
     np.testing.assert_allclose(np.asarray(y), exact, rtol=1e-5, atol=1e-5)
+    w16 = jnp.asarray(rng.standard_normal((24, 128)), jnp.bfloat16)
+    x13 = jnp.asarray(rng.standard_normal((13, 128)), jnp.float32)  # 8-, 4- and 1-row tiles
+    y16 = jax.ffi.ffi_call(f"{cpu_matvec.TARGETS[jnp.dtype(jnp.bfloat16)]}_{tag}", jax.ShapeDtypeStruct((13, 24), jnp.float32),
+                           vmap_method="sequential")(x13, w16, jnp.zeros((0,), jnp.float32))
+    exact16 = np.asarray(x13, np.float64) @ np.asarray(w16.astype(jnp.float32), np.float64).T
+    np.testing.assert_allclose(np.asarray(y16), exact16, rtol=1e-5, atol=1e-5)
